@@ -1,0 +1,194 @@
+"""KV caches: one object per attention layer, owned by the generation loop.
+
+Both kinds report the absolute position of every key slot they return (-1 for an empty slot), which is all
+the mask rule (model/masks.py) needs; so a sliding layer can attend straight over its ring buffer in whatever
+order the ring holds it.
+
+- ``FullCache`` (full-attention layers) keeps every position in a buffer preallocated in large steps, so
+  appending a token writes in place instead of copying the cache.
+- ``RingCache`` (sliding layers) keeps the last ``window - 1 + extra`` positions. ``window - 1`` is what the
+  next query needs; ``extra`` is room for a chunk to be written in place, and for rolling back up to ``extra``
+  tokens even after the ring has wrapped (edits, retries, speculative decoding).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import InputError
+
+DEFAULT_FULL_STEP = 4096
+DEFAULT_RING_EXTRA = 256
+
+
+class FullCache:
+    """Every key/value of a full-attention layer, in a buffer that grows ``step`` positions at a time."""
+
+    def __init__(self, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
+        self.step = step
+        self.max_size = max_size
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
+        target = -(-needed // self.step) * self.step
+        if self.max_size is not None:
+            if needed > self.max_size:
+                raise InputError(f"context of {needed} tokens exceeds this cache's max_size {self.max_size}")
+            target = min(max(target, needed), self.max_size)
+        B, H, _, D = k.shape
+        new_k = mx.zeros((B, H, target, D), dtype=k.dtype)
+        new_v = mx.zeros((B, H, target, v.shape[3]), dtype=v.dtype)
+        if self.keys is not None and self.offset:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Append k, v (B, H, L, D); return all keys, values so far and their positions."""
+        L = k.shape[2]
+        end = self.offset + L
+        if end > self.capacity:
+            self._grow(k, v, end)
+        self.keys[..., self.offset : end, :] = k
+        self.values[..., self.offset : end, :] = v
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :], mx.arange(end, dtype=mx.int32)
+
+    @property
+    def max_trim(self) -> int:
+        return self.offset
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (at most max_trim); return how many were forgotten."""
+        n = max(0, min(n, self.max_trim))
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+class RingCache:
+    """The last ``window - 1 + extra`` keys/values of a sliding-window layer; position p lives in slot p % size."""
+
+    def __init__(self, window: int, extra: int = DEFAULT_RING_EXTRA):
+        if window < 1 or extra < 1:
+            raise ValueError("RingCache needs window >= 1 and extra >= 1")
+        self.window = window
+        self.extra = extra
+        self.size = window - 1 + extra
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.positions = np.full(self.size, -1, dtype=np.int32)
+        self.offset = 0
+
+    def _write(self, k: mx.array, v: mx.array, first_pos: int) -> None:
+        """Write consecutive positions first_pos.. into their slots (at most two contiguous pieces)."""
+        L = k.shape[2]
+        start = first_pos % self.size
+        head = min(L, self.size - start)
+        self.keys[..., start : start + head, :] = k[..., :head, :]
+        self.values[..., start : start + head, :] = v[..., :head, :]
+        if head < L:
+            self.keys[..., : L - head, :] = k[..., head:, :]
+            self.values[..., : L - head, :] = v[..., head:, :]
+        slots = (np.arange(first_pos, first_pos + L) % self.size)
+        self.positions[slots] = np.arange(first_pos, first_pos + L, dtype=np.int32)
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Add k, v (B, H, L, D) at the next positions; return keys, values and positions to attend over."""
+        L = k.shape[2]
+        if self.keys is None:
+            B, H, _, D = k.shape
+            self.keys = mx.zeros((B, H, self.size, D), dtype=k.dtype)
+            self.values = mx.zeros((B, H, self.size, v.shape[3]), dtype=v.dtype)
+        start = self.offset
+        if L <= self.extra:
+            # The oldest L slots hold positions no query of this chunk can see: overwrite them in place.
+            self._write(k, v, start)
+            self.offset += L
+            return self.keys, self.values, mx.array(self.positions)
+        # A chunk longer than the spare room: attend over the window's past plus the whole chunk, then keep
+        # the newest `size` positions in the ring.
+        past = np.arange(max(0, start - (self.window - 1)), start, dtype=np.int32)
+        slots = mx.array(past % self.size)
+        keys = mx.concatenate([self.keys[..., slots, :], k], axis=2) if len(past) else k
+        values = mx.concatenate([self.values[..., slots, :], v], axis=2) if len(past) else v
+        positions = np.concatenate([past, np.arange(start, start + L, dtype=np.int32)])
+        keep = min(L, self.size)
+        self._write(k[..., L - keep :, :], v[..., L - keep :, :], start + L - keep)
+        self.offset += L
+        return keys, values, mx.array(positions)
+
+    @property
+    def max_trim(self) -> int:
+        """How many of the newest positions can be forgotten while still leaving a full window behind."""
+        if self.offset <= self.size:
+            return self.offset
+        return self.size - (self.window - 1)
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (at most max_trim); return how many were forgotten."""
+        n = max(0, min(n, self.max_trim))
+        self.offset -= n
+        self.positions[self.positions >= self.offset] = -1
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+LayerCache = FullCache | RingCache
+
+
+def make_cache(text_config, *, max_size: int | None = None, ring_extra: int = DEFAULT_RING_EXTRA,
+               full_step: int = DEFAULT_FULL_STEP) -> list[LayerCache | None]:
+    """One cache per decoder layer (None for layers that reuse another layer's K/V)."""
+    caches: list[LayerCache | None] = []
+    for spec in text_config.layers:
+        if spec.kv_source is not None:
+            caches.append(None)
+        elif spec.is_sliding:
+            caches.append(RingCache(text_config.sliding_window, ring_extra))
+        else:
+            caches.append(FullCache(full_step, max_size))
+    return caches
+
+
+def cache_offset(caches: list[LayerCache | None] | None) -> int:
+    """Number of positions the caches hold (0 without caches)."""
+    if not caches:
+        return 0
+    return next(c.offset for c in caches if c is not None)
+
+
+def max_trim(caches: list[LayerCache | None]) -> int:
+    """How many of the newest positions every cache can forget."""
+    return min(c.max_trim for c in caches if c is not None)
+
+
+def trim_caches(caches: list[LayerCache | None], n: int) -> int:
+    """Forget the last n positions in every cache, or raise if some cache cannot go back that far."""
+    if n > max_trim(caches):
+        raise ValueError(f"cannot roll back {n} tokens: the caches keep only {max_trim(caches)}")
+    for c in caches:
+        if c is not None:
+            c.trim(n)
+    return n

@@ -20,6 +20,8 @@ from mlx.utils import tree_flatten
 
 from .config import GEMMA3_TEXT, ModelConfig, load_config
 from .errors import WeightsError
+from .model.linear import use_prefill_friendly_linears
+from .platform import default_dtype
 
 # Files a model needs; everything a download asks the hub for.
 MODEL_FILE_PATTERNS = [
@@ -30,11 +32,6 @@ SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-
-
-def default_dtype() -> mx.Dtype:
-    """bfloat16 on Metal, float32 elsewhere (MLX's CPU matmuls are slow in half precision)."""
-    return mx.bfloat16 if mx.metal.is_available() else mx.float32
 
 
 def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype:
@@ -224,6 +221,7 @@ def apply_quantization(model: nn.Module, weights: dict[str, mx.array], config: M
 
     nn.quantize(model, group_size=default.get("group_size", 64), bits=default.get("bits", 4),
                 mode=default.get("mode", "affine"), class_predicate=predicate)
+    use_prefill_friendly_linears(model)
 
 
 def load_weights_into(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype) -> None:

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TemplateError

@@ -32,6 +32,10 @@ class FullCache:
         self.values: mx.array | None = None
         self.offset = 0
 
+    def reset(self) -> None:
+        """Forget everything (the buffer is kept for reuse)."""
+        self.offset = 0
+
     @property
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
@@ -93,6 +97,11 @@ class RingCache:
         self.values: mx.array | None = None
         self.positions = np.full(self.size, -1, dtype=np.int32)
         self.offset = 0
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.offset = 0
+        self.positions[:] = -1
 
     def _write(self, k: mx.array, v: mx.array, first_pos: int) -> None:
         """Write consecutive positions first_pos.. into their slots (at most two contiguous pieces)."""
@@ -192,3 +201,35 @@ def trim_caches(caches: list[LayerCache | None], n: int) -> int:
         if c is not None:
             c.trim(n)
     return n
+
+
+def _copy(x: mx.array | None) -> mx.array | None:
+    return None if x is None else mx.array(x)
+
+
+def snapshot_caches(caches: list[LayerCache | None]) -> list:
+    """A restorable copy of the caches' state.
+
+    ``mx.array(x)`` is a new array object over the same data: in-place writes to the ring (which rebind the
+    ring's array object) then copy on write instead of changing what the snapshot holds. A full-attention
+    cache only ever appends, so its offset is all it takes.
+    """
+    snap = []
+    for c in caches:
+        if isinstance(c, RingCache):
+            snap.append((c.offset, _copy(c.keys), _copy(c.values), c.positions.copy()))
+        elif c is not None:
+            snap.append((c.offset,))
+        else:
+            snap.append(None)
+    return snap
+
+
+def restore_caches(caches: list[LayerCache | None], snap: list) -> None:
+    """Put the caches back to a snapshot taken earlier on these same caches."""
+    for c, s in zip(caches, snap):
+        if isinstance(c, RingCache):
+            c.offset, keys, values, positions = s
+            c.keys, c.values, c.positions = _copy(keys), _copy(values), positions.copy()
+        elif c is not None:
+            c.offset = s[0]

@@ -103,3 +103,26 @@ def write_random_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0,
         generation["suppress_tokens"] = sorted(ids.values())
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out
+
+
+# Token strings of the multimodal specials, by config key.
+MEDIA_TOKEN_STRINGS = {"boi_token_id": "<|image>", "eoi_token_id": "<image|>", "image_token_id": "<|image|>",
+                       "video_token_id": "<|video|>", "boa_token_id": "<|audio>", "eoa_token_index": "<audio|>",
+                       "audio_token_id": "<|audio|>"}
+
+
+def write_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """A complete tiny random model directory: weights, config, byte tokenizer and the real chat template."""
+    from importlib.resources import files
+
+    from .tokenizer import write_byte_tokenizer
+
+    config = gemma4_config()
+    out = write_random_checkpoint(out_dir, config, seed=seed)
+    media = {MEDIA_TOKEN_STRINGS[k]: v for k, v in config.items() if k in MEDIA_TOKEN_STRINGS}
+    write_byte_tokenizer(out, media, config["text_config"]["vocab_size"])
+    template = files("gemma_mlx").joinpath("assets/chat_template.jinja").read_text()
+    (out / "chat_template.jinja").write_text(template)
+    (out / "README.md").write_text("# Random tiny gemma4_unified model\n\nRandom weights: it exercises every "
+                                   "code path (text, image, audio, video) and speaks gibberish.\n")
+    return out

@@ -119,9 +119,7 @@ class Model(nn.Module):
                           lambda: self.embed_images(video_pixel_values, video_position_ids)))
         if audio_features is not None:
             media.append(("audio", cfg.audio_token_id, lambda: self.embed_audio(audio_features, audio_mask)))
-        placeholder_ids = [t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id) if t is not None]
-        lookup = np.where(np.isin(ids, placeholder_ids), cfg.text.pad_token_id, ids) if placeholder_ids else ids
-        h = self.language_model.embed(mx.array(lookup))
+        h = self.embed_tokens(ids)
         given = {name for name, _, _ in media}
         for name, token_id in (("image", cfg.image_token_id), ("video", cfg.video_token_id),
                                ("audio", cfg.audio_token_id)):
@@ -142,6 +140,15 @@ class Model(nn.Module):
                                  f"give {feats.shape[0]} soft tokens")
             flat[mx.array(slots)] = feats.astype(flat.dtype)
         return flat.reshape(B, L, H)
+
+    def embed_tokens(self, input_ids) -> mx.array:
+        """Scaled token embeddings, placeholder ids looked up as the pad id (their rows await media)."""
+        ids = np.asarray(input_ids)
+        cfg = self.config
+        placeholder_ids = [t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id) if t is not None]
+        if placeholder_ids:
+            ids = np.where(np.isin(ids, placeholder_ids), cfg.text.pad_token_id, ids)
+        return self.language_model.embed(mx.array(ids))
 
     def token_types(self, input_ids) -> np.ndarray:
         """mm_token_type_ids derived from the placeholder ids: 1 image, 2 video, 3 audio, 0 text."""

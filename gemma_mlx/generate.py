@@ -80,9 +80,10 @@ class GenerationStats:
 
     def summary(self) -> str:
         reused = f", {self.reused_tokens} reused" if self.reused_tokens else ""
+        memory = (f"{self.peak_memory_gb:.2f} GB" if self.peak_memory_gb >= 1
+                  else f"{self.peak_memory_gb * 1000:.0f} MB")
         return (f"prompt {self.prompt_tokens} tokens{reused} at {self.prompt_tps:.1f} tok/s · generated "
-                f"{self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s · peak memory "
-                f"{self.peak_memory_gb:.2f} GB")
+                f"{self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s · peak memory {memory}")
 
 
 @dataclass

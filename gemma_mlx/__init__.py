@@ -1,1 +1,25 @@
-"""gemma-mlx: a native MLX runtime for Gemma 4 12B (gemma4_unified)."""
+"""gemma-mlx: a native MLX runtime for Gemma 4 12B (gemma4_unified): text, images, audio and video.
+
+    import gemma_mlx
+    gemma = gemma_mlx.load("google/gemma-4-12B-it")      # or a local / converted directory
+    print(gemma.generate("Hello!").content)
+    logits = gemma(input_ids, pixel_values=..., image_position_ids=...)   # the raw forward
+"""
+
+from .api import Gemma, Piece, Result, generate, load, stream_generate
+from .chat import Chat
+from .errors import (
+    ConfigError,
+    ContextLengthError,
+    ConvertError,
+    GemmaMLXError,
+    InputError,
+    MediaError,
+    TemplateError,
+    WeightsError,
+)
+
+__all__ = [
+    "Chat", "ConfigError", "ContextLengthError", "ConvertError", "Gemma", "GemmaMLXError", "InputError",
+    "MediaError", "Piece", "Result", "TemplateError", "WeightsError", "generate", "load", "stream_generate",
+]

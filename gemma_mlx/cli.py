@@ -1,4 +1,4 @@
-"""The gemma-mlx command line: demo, generate, chat (and convert once installed)."""
+"""The gemma-mlx command line: demo, generate, chat, convert."""
 
 from __future__ import annotations
 
@@ -46,16 +46,13 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="gemma-mlx")
-def main():
+def cli():
     """Run Gemma 4 (gemma4_unified) locally with MLX: text, images, audio and video.
 
     MODEL is a Hugging Face repo id (downloaded once into the HF cache), a local Hugging Face checkpoint or a
     directory made by `gemma-mlx convert`. Without MODEL, a tiny random model is used so that everything runs
     offline (it speaks gibberish).
     """
-    from .platform import reexec_with_fast_blas
-
-    reexec_with_fast_blas()
 
 
 def sampling_options(f):
@@ -96,7 +93,7 @@ def _print_piece(piece, state: dict) -> None:
     click.secho(piece.text, fg="cyan" if piece.kind == "thinking" else None, nl=False)
 
 
-@main.command()
+@cli.command()
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="The user message.")
 @click.option("--image", "images", multiple=True, type=click.Path(), help="Attach an image (repeatable).")
@@ -135,7 +132,7 @@ CHAT_HELP = """Commands: /reset  /system TEXT  /think (toggle)  /stats  /save FI
 Ctrl-C stops the current answer and keeps the conversation."""
 
 
-@main.command()
+@cli.command()
 @click.argument("model", required=False)
 @click.option("--system", help="A system prompt.")
 @click.option("--load", "load_path", type=click.Path(exists=True), help="Continue a conversation saved with /save.")
@@ -224,7 +221,16 @@ def chat(model, system, load_path, **kw):
             click.secho(f"error: {e}", fg="red")
 
 
-@main.command()
+def _register_convert() -> None:
+    from .convert.command import convert_command
+
+    cli.add_command(convert_command)
+
+
+_register_convert()
+
+
+@cli.command()
 @click.option("--tokens", default=16, show_default=True, help="Tokens to generate per modality.")
 @click.option("--seed", default=0, show_default=True)
 def demo(tokens, seed):
@@ -257,6 +263,14 @@ def demo(tokens, seed):
             click.echo(f"  text: {r.text!r}")
             click.echo(f"  {r.stats.summary()}")
     click.secho("\nThe weights are random, so the text is gibberish; see README for real models.", fg="yellow")
+
+
+def main() -> None:
+    """The console entry point: on Linux, first re-execute with a fast BLAS preloaded when one is installed."""
+    from .platform import reexec_with_fast_blas
+
+    reexec_with_fast_blas()
+    cli()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ a temporary directory beside OUT and renamed at the end: an interrupted conversi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -119,10 +120,23 @@ def convert_hf(source: str | Path, out: str | Path, *, bits: int | None = 4, gro
     if missing:
         raise ConvertError(f"{src}: tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
 
-    out = Path(out)
+    def fill(tmp: Path) -> dict:
+        for pattern in SIDECAR_PATTERNS:
+            if (src / pattern).is_file():
+                shutil.copy(src / pattern, tmp / pattern)
+        total = sum(i.end - i.start for infos in headers.values() for i in infos.values())
+        return write_model(tmp, _hf_tensors(headers, config), total, config, config.raw, bits=bits,
+                           group_size=group_size, mode=mode, recipe=recipe, target=target,
+                           shard_size=shard_size, progress=progress, source_name=src.name)
+
+    return atomic_output(Path(out), force, fill, start)
+
+
+def atomic_output(out: Path, force: bool, fill, start: float) -> ConvertSummary:
+    """Run fill(tmp) in a temporary directory beside out, verify what it wrote, then rename it to out."""
     tmp = _prepare_out(out, force)
     try:
-        summary = _write(src, tmp, config, headers, bits, group_size, mode, recipe, target, shard_size, progress)
+        summary = fill(tmp)
         _verify(tmp, summary["written"])
         _commit(tmp, out)
     except BaseException:
@@ -132,8 +146,31 @@ def convert_hf(source: str | Path, out: str | Path, *, bits: int | None = 4, gro
     return ConvertSummary(out, len(summary["written"]), size, summary["parameters"], time.perf_counter() - start)
 
 
-def _write(src, tmp, config, headers, bits, group_size, mode, recipe, target, shard_size, progress) -> dict:
-    total_bytes = sum(i.end - i.start for infos in headers.values() for i in infos.values())
+@dataclass
+class Prequantized:
+    """A tensor already in MLX's affine layout (repacked GGUF blocks): written as is."""
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array
+    bits: int
+    group_size: int
+
+
+def _hf_tensors(headers, config):
+    """(canonical name, lazily loaded array, source bytes) for every tensor of a safetensors checkpoint."""
+    for f, infos in headers.items():
+        arrays = mx.load(str(f))
+        for name in sorted(infos):
+            key = canonical_name(name, config.model_type)
+            if (key == "lm_head.weight" and config.text.tie_word_embeddings) or key.endswith("inv_freq"):
+                continue
+            yield key, arrays.pop(name), infos[name].end - infos[name].start
+
+
+def write_model(tmp: Path, tensors, total_bytes: int, config, raw_config: dict, *, bits, group_size, mode, recipe,
+                target, shard_size, progress, source_name: str) -> dict:
+    """Quantize and shard tensors into tmp, then write the index, config.json and a model card."""
     shard: dict[str, mx.array] = {}
     shard_bytes, shard_files, weight_map, written = 0, [], {}, {}
     overrides: dict[str, dict] = {}
@@ -150,20 +187,21 @@ def _write(src, tmp, config, headers, bits, group_size, mode, recipe, target, sh
             weight_map[k] = name
         shard, shard_bytes = {}, 0
 
-    bar = click.progressbar(length=total_bytes, label="converting", file=None if progress else open("/dev/null", "w"),
-                            show_pos=False, item_show_func=lambda n: n or "")
+    sink = None if progress else open(os.devnull, "w")
+    bar = click.progressbar(length=total_bytes, label="converting", file=sink, show_pos=False,
+                            item_show_func=lambda n: n or "")
     with bar:
-        for f, infos in headers.items():
-            arrays = mx.load(str(f))
-            for name in sorted(infos):
-                key = canonical_name(name, config.model_type)
-                if (key == "lm_head.weight" and config.text.tie_word_embeddings) or key.endswith("inv_freq"):
-                    continue
-                value = arrays[name]
+        for key, value, nbytes in tensors:
+            out_key = output_name(key, config.model_type)
+            module = out_key.rsplit(".", 1)[0]
+            if isinstance(value, Prequantized):
+                parameters += value.weight.size * 32 // value.bits
+                parts = {f"{module}.weight": value.weight, f"{module}.scales": value.scales.astype(target),
+                         f"{module}.biases": value.biases.astype(target)}
+                spec = QuantSpec(value.bits, value.group_size, "affine")
+            else:
                 parameters += value.size
-                out_key = output_name(key, config.model_type)
-                module = out_key.rsplit(".", 1)[0]
-                spec: QuantSpec | None = quant_spec(key, value.shape, config, bits, group_size, mode, recipe)
+                spec = quant_spec(key, value.shape, config, bits, group_size, mode, recipe)
                 if mx.issubdtype(value.dtype, mx.floating):
                     value = value.astype(target)
                 if spec is not None:
@@ -171,40 +209,38 @@ def _write(src, tmp, config, headers, bits, group_size, mode, recipe, target, sh
                     parts = {f"{module}.weight": q[0], f"{module}.scales": q[1]}
                     if len(q) > 2 and q[2] is not None:
                         parts[f"{module}.biases"] = q[2]
-                    if (spec.bits, spec.group_size, spec.mode) != (bits, group_size, mode):
-                        overrides[module] = {"group_size": spec.group_size, "bits": spec.bits, "mode": spec.mode}
                 else:
                     parts = {out_key: value}
-                mx.eval(parts)
-                for k, v in parts.items():
-                    shard[k] = v
-                    shard_bytes += v.nbytes
-                    written[k] = tuple(v.shape)
-                del arrays[name]
-                bar.update(infos[name].end - infos[name].start, key)
-                if shard_bytes >= shard_size:
-                    flush()
-            del arrays
+            if spec is not None and (spec.bits, spec.group_size, spec.mode) != (bits, group_size, mode):
+                overrides[module] = {"group_size": spec.group_size, "bits": spec.bits, "mode": spec.mode}
+            mx.eval(parts)
+            for k, v in parts.items():
+                shard[k] = v
+                shard_bytes += v.nbytes
+                written[k] = tuple(v.shape)
+            bar.update(nbytes, key)
+            if shard_bytes >= shard_size:
+                flush()
         flush()
+    if sink is not None:
+        sink.close()
 
     index = {"metadata": {"total_size": sum((tmp / s).stat().st_size for s in shard_files),
                           "total_parameters": parameters},
              "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    raw = published_config(config.raw)
-    if bits:
-        quant = {"group_size": group_size, "bits": bits, "mode": mode, **overrides}
+    raw = published_config(raw_config)
+    quantized = bits or overrides
+    if quantized:
+        quant = {"group_size": group_size, "bits": bits or 8, "mode": mode, **overrides}
         raw["quantization"] = quant
         raw["quantization_config"] = quant
     raw.pop("dtype", None)
     raw["torch_dtype"] = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}[target]
     (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
-    for pattern in SIDECAR_PATTERNS:
-        if (src / pattern).is_file():
-            shutil.copy(src / pattern, tmp / pattern)
     (tmp / "README.md").write_text(
-        f"# {src.name} ({'%d-bit %s, group %d' % (bits, mode, group_size) if bits else 'unquantized'})\n\n"
-        f"Converted to MLX by gemma-mlx (recipe `{recipe}`) from `{src}`. Load it with "
+        f"# {source_name} ({'%d-bit %s, group %d' % (bits, mode, group_size) if bits else 'unquantized'})\n\n"
+        f"Converted to MLX by gemma-mlx (recipe `{recipe}`) from `{source_name}`. Load it with "
         "`gemma_mlx.load(path)`, `gemma-mlx chat PATH`, or mlx-vlm.\n")
     return {"written": written, "parameters": parameters}
 

@@ -59,14 +59,15 @@ def build_gemma4(path: Path, seed: int = 0, **kw):
     return model
 
 
-def build_gemma3(path: Path, seed: int = 0):
+def build_gemma3(path: Path, seed: int = 0, query_pre_attn_scalar: int = 24):
     """Save a random tiny Gemma3ForCausalLM (gemma3_text) to path; return the torch model."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                           query_pre_attn_scalar=24, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                           query_pre_attn_scalar=query_pre_attn_scalar,
+                           rope_scaling={"rope_type": "linear", "factor": 4.0},
                            final_logit_softcapping=None, initializer_range=0.1)
     model = Gemma3ForCausalLM(cfg).eval()
     randomise(model, seed)

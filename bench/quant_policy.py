@@ -28,11 +28,11 @@ from gemma_mlx.tiny import gemma4_config, write_random_checkpoint
 from gemma_mlx.weights import load_model
 
 SETTINGS = [  # (label, bits, group_size, recipe)
-    ("8-bit g64", 8, 64, "default"),
-    ("4-bit g64 (default)", 4, 64, "default"),
-    ("4-bit g32", 4, 32, "default"),
+    ("8-bit g64", 8, 64, "uniform"),
+    ("4-bit g64 uniform", 4, 64, "uniform"),
+    ("4-bit g32 uniform", 4, 32, "uniform"),
     ("4-bit g64, embedding 8-bit", 4, 64, "embed8"),
-    ("4-bit g64, mixed 4/6", 4, 64, "mixed_4_6"),
+    ("4-bit g64, mixed 4/6 (default)", 4, 64, "mixed_4_6"),
     ("4-bit g64, vision/audio quantized too", 4, 64, "all"),
 ]
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1905 Albert Einstein published four papers that changed "

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .hf import DEFAULT_SHARD_SIZE, ConvertSummary, convert_hf
-from .quantize import RECIPES, check_mode
+from .quantize import DEFAULT_RECIPE, RECIPES, check_mode
 
 
 def convert(source: str | Path, out: str | Path, *, bits: int | None = 4, group_size: int = 64,
-            mode: str = "affine", recipe: str = "default", dtype: str | None = "bfloat16",
+            mode: str = "affine", recipe: str = DEFAULT_RECIPE, dtype: str | None = "bfloat16",
             revision: str | None = None, force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
             progress: bool = True) -> ConvertSummary:
     """Convert SOURCE (a checkpoint directory, a hub repo id or a Gemma 3 .gguf file) into an MLX directory OUT."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .hf import DEFAULT_SHARD_SIZE
-from .quantize import MODE_RULES, RECIPES
+from .quantize import DEFAULT_RECIPE, MODE_RULES, RECIPES
 
 
 @click.command("convert")
@@ -15,7 +15,7 @@ from .quantize import MODE_RULES, RECIPES
               show_default=True, help="Quantization bits ('none' keeps every tensor in --dtype).")
 @click.option("--group-size", type=click.Choice(["16", "32", "64", "128"]), default="64", show_default=True)
 @click.option("--mode", type=click.Choice(list(MODE_RULES)), default="affine", show_default=True)
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default="default", show_default=True,
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
               help="What to quantize: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="dtype of the tensors kept in float (and of the quantization scales).")

@@ -22,6 +22,7 @@ from gemma_mlx.config import parse_config
 from gemma_mlx.errors import ConfigError, ConvertError
 
 from .hf import Prequantized, atomic_output, write_model
+from .quantize import DEFAULT_RECIPE
 
 SUPPORTED_ARCHITECTURES = ("gemma3",)
 _LAYER_NAMES = {
@@ -142,7 +143,7 @@ def write_tokenizer(gguf_path: Path, out: Path) -> None:
 
 
 def convert_gguf(source: Path, out: Path, *, bits: int | None = 4, group_size: int = 64, mode: str = "affine",
-                 recipe: str = "default", dtype: str | None = "float16", force: bool = False,
+                 recipe: str = DEFAULT_RECIPE, dtype: str | None = "float16", force: bool = False,
                  shard_size: int, progress: bool = True) -> object:
     """Convert a Gemma 3 GGUF file into an MLX model directory at out."""
     from gguf import GGUFReader

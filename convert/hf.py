@@ -29,7 +29,7 @@ from gemma_mlx.weights import (
     safetensors_files,
 )
 
-from .quantize import RECIPES, QuantSpec, output_name, quant_spec
+from .quantize import DEFAULT_RECIPE, RECIPES, QuantSpec, output_name, quant_spec
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -80,7 +80,7 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 def convert_hf(source: str | Path, out: str | Path, *, bits: int | None = 4, group_size: int = 64,
-               mode: str = "affine", recipe: str = "default", dtype: str | None = "bfloat16",
+               mode: str = "affine", recipe: str = DEFAULT_RECIPE, dtype: str | None = "bfloat16",
                revision: str | None = None, force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
                progress: bool = True) -> ConvertSummary:
     """Convert a Hugging Face checkpoint (directory or hub id) into an MLX directory at out."""

@@ -20,13 +20,16 @@ EMBEDDING = "model.language_model.embed_tokens.weight"
 MULTIMODAL_LINEARS = ("model.vision_embedder.patch_dense.weight", "model.embed_vision.embedding_projection.weight",
                       "model.embed_audio.embedding_projection.weight")
 
+# The default is the one the KL measurements pick (bench/results/quant_policy.md, README).
+DEFAULT_RECIPE = "mixed_4_6"
 RECIPES = {
-    "default": "every decoder Linear and the tied embedding at --bits; norms, scalars, biases, the position "
-               "table and the vision/audio projections kept in --dtype",
-    "embed8": "as default, with the tied embedding / LM head at 8 bits",
-    "mixed_4_6": "as default, with v_proj and down_proj at 6 bits in the first and last eighth of the layers "
-                 "and every third layer between, and the embedding at 6 bits (llama.cpp Q4_K_M's idea)",
-    "all": "as default, with the vision and audio projections quantized too",
+    "mixed_4_6": "every decoder Linear and the tied embedding at --bits, except v_proj and down_proj at 6 bits in "
+                 "the first and last eighth of the layers and every third layer between, and the embedding at "
+                 "6 bits (llama.cpp Q4_K_M's idea); norms, scalars, biases, the position table and the "
+                 "vision/audio projections kept in --dtype",
+    "uniform": "every decoder Linear and the tied embedding at --bits; the rest kept in --dtype",
+    "embed8": "as uniform, with the tied embedding / LM head at 8 bits",
+    "all": "as uniform, with the vision and audio projections quantized too",
 }
 MODE_RULES = {"affine": None, "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 
@@ -82,7 +85,7 @@ def quant_spec(name: str, shape, config, bits: int | None, group_size: int, mode
     spec_bits = bits
     if recipe == "embed8" and is_embedding:
         spec_bits = 8
-    elif recipe == "mixed_4_6" and mode == "affine":
+    elif recipe == "mixed_4_6" and mode == "affine" and bits < 6:
         if is_embedding:
             spec_bits = 6
         elif module in ("v_proj", "down_proj"):

@@ -56,7 +56,7 @@ def test_quantized_weights_stay_within_half_a_step_of_the_source(tiny_gemma4, tm
     covers all five. That bound is checked on every element of every quantized matrix."""
     _, src = tiny_gemma4
     out = tmp_path / f"q{bits}"
-    convert(src, out, bits=bits, group_size=group_size, progress=False)
+    convert(src, out, bits=bits, group_size=group_size, recipe="uniform", progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": group_size, "bits": bits, "mode": "affine"}
     source = mx.load(str(src / "model.safetensors"))
@@ -92,7 +92,7 @@ def test_quantized_models_track_the_reference(tiny_gemma4, tmp_path):
 
     kls = {}
     for bits in (8, 4):
-        convert(src, tmp_path / str(bits), bits=bits, progress=False)
+        convert(src, tmp_path / str(bits), bits=bits, recipe="uniform", progress=False)
         kls[bits] = kl(logits(tmp_path / str(bits)))
     assert kls[8] < 0.05 and kls[4] < 0.6 and kls[8] < kls[4] / 4
 
@@ -117,6 +117,12 @@ def test_recipes_and_modes(tiny_gemma4, tmp_path):
     logits(tmp_path / "e8")  # per-module overrides load
     convert(src, tmp_path / "mx", bits=4, group_size=32, mode="mxfp4", progress=False)
     logits(tmp_path / "mx")
+    convert(src, tmp_path / "mixed", bits=4, progress=False)  # the default recipe
+    q = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization"]
+    assert q["language_model.model.embed_tokens"]["bits"] == 6
+    assert q["language_model.model.layers.0.mlp.down_proj"]["bits"] == 6
+    assert "language_model.model.layers.0.mlp.up_proj" not in q  # stays at --bits
+    logits(tmp_path / "mixed")
     with pytest.raises(ConvertError, match="mxfp4 needs bits=4 and group size 32"):
         convert(src, tmp_path / "bad", bits=4, group_size=64, mode="mxfp4", progress=False)
 

@@ -63,6 +63,13 @@ class Attachments:
     videos: list = field(default_factory=list)
 
 
+def user_message(text: str, media: Attachments) -> dict:
+    """A user message whose media parts (rendered as placeholders by the template) precede its text."""
+    parts = ([{"type": "image"} for _ in media.images] + [{"type": "video"} for _ in media.videos]
+             + [{"type": "audio"} for _ in media.audios])
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
+
+
 def _fingerprint(*arrays) -> str:
     h = hashlib.sha1()
     for a in arrays:
@@ -191,12 +198,8 @@ class Gemma:
                enable_thinking: bool = False, cache: PromptCache | None = None, max_context: int | None = None,
                **sampling) -> Iterator[Piece | Result]:
         """Stream a reply to a user prompt (or a message list), media attached to the user turn."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         media = self.load_media(images, audios, videos)
-        if isinstance(prompt, str) and (media.images or media.audios or media.videos):
-            parts = [{"type": "image"} for _ in media.images] + [{"type": "video"} for _ in media.videos]
-            parts += [{"type": "audio"} for _ in media.audios]
-            messages = [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
+        messages = [user_message(prompt, media)] if isinstance(prompt, str) else list(prompt)
         text = self.render(messages, tools=tools, enable_thinking=enable_thinking)
         yield from self.stream_text(text, media, opts=self.options(**sampling), cache=cache, max_context=max_context)
 

@@ -22,7 +22,23 @@ DEFAULT_FULL_STEP = 4096
 DEFAULT_RING_EXTRA = 256
 
 
-class FullCache:
+class _KVBuffers:
+    """What both cache kinds share: key/value buffers and how many positions they have seen."""
+
+    keys: mx.array | None = None
+    values: mx.array | None = None
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+class FullCache(_KVBuffers):
     """Every key/value of a full-attention layer, in a buffer that grows ``step`` positions at a time."""
 
     def __init__(self, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
@@ -75,16 +91,8 @@ class FullCache:
         self.offset -= n
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
-
-
-class RingCache:
+class RingCache(_KVBuffers):
     """The last ``window - 1 + extra`` keys/values of a sliding-window layer; position p lives in slot p % size."""
 
     def __init__(self, window: int, extra: int = DEFAULT_RING_EXTRA):
@@ -154,14 +162,6 @@ class RingCache:
         self.offset -= n
         self.positions[self.positions >= self.offset] = -1
         return n
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
 
 
 LayerCache = FullCache | RingCache

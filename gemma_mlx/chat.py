@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .api import Attachments, Gemma, Piece, Result
+from .api import Attachments, Gemma, Piece, Result, user_message
 from .cache import make_cache
 from .errors import InputError
 from .generate import PromptCache
@@ -92,10 +92,7 @@ class Chat:
     def send(self, text: str, *, images=(), audios=(), videos=(), **media_options) -> Iterator[Piece | Result]:
         """Stream the reply to a user message (with optional attachments), ending with its Result."""
         media = self.gemma.load_media(images, audios, videos, **media_options)
-        parts = ([{"type": "image"} for _ in media.images] + [{"type": "video"} for _ in media.videos]
-                 + [{"type": "audio"} for _ in media.audios])
-        content = parts + [{"type": "text", "text": text}] if parts else text
-        self.messages.append({"role": "user", "content": content})
+        self.messages.append(user_message(text, media))
         self._media.append(media)
         try:
             yield from self._stream(add_generation_prompt=True)

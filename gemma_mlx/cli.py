@@ -83,6 +83,25 @@ def _sampling(kw) -> dict:
     return out
 
 
+def _print_stream(stream):
+    """Print a stream of Pieces (thinking apart, in cyan) and the tool calls of its final Result; return it."""
+    from .api import Piece
+
+    state: dict = {}
+    result = None
+    for item in stream:
+        if isinstance(item, Piece):
+            _print_piece(item, state)
+            continue
+        result = item
+        click.echo()
+        for call in item.tool_calls:
+            click.secho(f"[tool call] {call.name}({call.arguments})", fg="magenta")
+        for err in item.parsed.errors:
+            click.secho(f"[unparsed tool call] {err.reason}: {err.raw}", fg="red")
+    return result
+
+
 def _print_piece(piece, state: dict) -> None:
     if piece.kind != state.get("kind"):
         if piece.kind == "thinking":
@@ -104,27 +123,15 @@ def _print_piece(piece, state: dict) -> None:
 @sampling_options
 def generate(model, prompt, images, audios, videos, system, stats, **kw):
     """Stream one answer to PROMPT (with optional attachments) to stdout."""
-    from .api import Piece
+    from .api import user_message
 
     g = _load(model, kw["dtype"])
-    messages = [{"role": "system", "content": system}] if system else []
-    parts = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-             + [{"type": "audio"} for _ in audios])
-    messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}] if parts else prompt})
     media = g.load_media(images, audios, videos)
+    messages = ([{"role": "system", "content": system}] if system else []) + [user_message(prompt, media)]
     text = g.render(messages, enable_thinking=kw["think"])
-    state: dict = {}
-    for item in g.stream_text(text, media, opts=g.options(**_sampling(kw)), max_context=kw["max_context"]):
-        if isinstance(item, Piece):
-            _print_piece(item, state)
-        else:
-            click.echo()
-            for call in item.tool_calls:
-                click.secho(f"[tool call] {call.name}({call.arguments})", fg="magenta")
-            for err in item.parsed.errors:
-                click.secho(f"[unparsed tool call] {err.reason}: {err.raw}", fg="red")
-            if stats:
-                click.secho(item.stats.summary(), fg="bright_black", err=True)
+    result = _print_stream(g.stream_text(text, media, opts=g.options(**_sampling(kw)), max_context=kw["max_context"]))
+    if stats:
+        click.secho(result.stats.summary(), fg="bright_black", err=True)
 
 
 CHAT_HELP = """Commands: /reset  /system TEXT  /think (toggle)  /stats  /save FILE  /retry
@@ -139,7 +146,6 @@ Ctrl-C stops the current answer and keeps the conversation."""
 @sampling_options
 def chat(model, system, load_path, **kw):
     """A multi-turn chat in the model's own template, streaming, with thinking shown apart."""
-    from .api import Piece
     from .chat import Chat
 
     try:
@@ -156,15 +162,8 @@ def chat(model, system, load_path, **kw):
     click.echo(CHAT_HELP)
 
     def run(stream):
-        state: dict = {}
         try:
-            for item in stream:
-                if isinstance(item, Piece):
-                    _print_piece(item, state)
-                else:
-                    click.echo()
-                    for call in item.tool_calls:
-                        click.secho(f"[tool call] {call.name}({call.arguments})", fg="magenta")
+            _print_stream(stream)
         except KeyboardInterrupt:
             click.secho("\n[stopped: this turn was discarded; the conversation before it is kept]", fg="yellow")
 

@@ -43,16 +43,8 @@ def build(work: Path, layers: int) -> Path:
     from bench_convert import synthetic_checkpoint
 
     from gemma_mlx.convert import convert
-    from gemma_mlx.tiny import MEDIA_TOKEN_STRINGS
-    from gemma_mlx.tokenizer import write_byte_tokenizer
 
-    src = synthetic_checkpoint(work / "bf16", layers)
-    cfg = json.loads((src / "config.json").read_text())
-    write_byte_tokenizer(src, {MEDIA_TOKEN_STRINGS[k]: v for k, v in cfg.items() if k in MEDIA_TOKEN_STRINGS},
-                         cfg["text_config"]["vocab_size"])
-    from importlib.resources import files
-
-    (src / "chat_template.jinja").write_text(files("gemma_mlx").joinpath("assets/chat_template.jinja").read_text())
+    src = synthetic_checkpoint(work / "bf16", layers)  # with a byte tokenizer and the chat template
     out = work / "q4"
     convert(src, out, bits=4, group_size=64, recipe="uniform", progress=False)
     return out
@@ -148,9 +140,16 @@ def run_peer(kind: str, path: Path, depths, chunk: int, prompt: int) -> dict:
         from mlx_lm import load
 
         # mlx-lm fills fields the checkpoint leaves out with Gemma 4 E2B values (per-layer embeddings, KV
-        # sharing): its known config bug; say what the 12B has.
-        model, _ = load(str(path), model_config={"text_config": {
-            "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0, "use_double_wide_mlp": False}})
+        # sharing): its known config bug. Give it a view of the same weights whose config spells them out.
+        view = path.parent / "mlx_lm_view"
+        view.mkdir(exist_ok=True)
+        for f in path.iterdir():
+            if f.name != "config.json" and not (view / f.name).exists():
+                (view / f.name).symlink_to(f)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["text_config"].update(hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False)
+        (view / "config.json").write_text(json.dumps(cfg))
+        model, _ = load(str(view))
         lm = model
     else:
         from mlx_vlm.utils import load_model

@@ -146,7 +146,10 @@ def convert_gguf(source: Path, out: Path, *, bits: int | None = 4, group_size: i
                  recipe: str = DEFAULT_RECIPE, dtype: str | None = "float16", force: bool = False,
                  shard_size: int, progress: bool = True) -> object:
     """Convert a Gemma 3 GGUF file into an MLX model directory at out."""
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ConvertError("reading GGUF files needs the gguf package: pip install 'gemma-mlx[gguf]'") from None
 
     from gemma_mlx.weights import parse_dtype
 

@@ -218,6 +218,8 @@ def write_model(tmp: Path, tensors, total_bytes: int, config, raw_config: dict, 
                 shard[k] = v
                 shard_bytes += v.nbytes
                 written[k] = tuple(v.shape)
+            del value
+            mx.clear_cache()  # return the source tensor's buffer now, or MLX's cache keeps every one of them
             bar.update(nbytes, key)
             if shard_bytes >= shard_size:
                 flush()

@@ -1,42 +1,66 @@
-"""Gemma 4's tool-call syntax and the split of a model turn into thought, tool calls and answer.
+"""Gemma 4's tool-call syntax, its tool-response text, and the split of a model turn into thought, calls and answer.
 
-A call looks like ``<|tool_call>call:NAME{key:value,...}<tool_call|>``: keys are bare, strings sit between
-``<|"|>`` delimiters (and may hold braces, commas, colons and quotes), numbers and true/false/null are bare,
-objects and lists nest. A call that does not parse is returned as a ``ToolCallError`` carrying the raw text:
-nothing is dropped or half-parsed.
+A call is ``<|tool_call>call:NAME{key:value,...}<tool_call|>``: keys are bare, strings sit between ``<|"|>``
+delimiters (and may hold braces, commas, colons and quotes), numbers and true/false are bare (the template writes a
+null as ``None``), objects and lists nest, whitespace between items is allowed. Names may be namespaced
+(``mcp:server:tool``, ``a.b-c``).
+
+Parsing never drops or half-parses: a call that does not parse comes back as a ToolCallError holding its raw text.
+By default the parser is lenient about slips models make (single- or double-quoted strings, quoted keys,
+``key=value``, Python's True/False, trailing commas) and lists each repair on the call; ``strict=True`` rejects them.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<|tool_response>", "<tool_response|>"
 STRING_DELIM = '<|"|>'
 THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>", "<channel|>"
-TURN_END, RESPONSE_OPEN = "<turn|>", "<|tool_response>"
+# Where the answer of a model turn ends (the content closers of transformers' Gemma 4 response template).
+ANSWER_END = ("<turn|>", RESPONSE_OPEN, "<eos>")
+
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_NAME = re.compile(r"[A-Za-z_][\w.\-:]*")
-_KEY = re.compile(r"[^\s{}\[\],:]+")
+_NAME = re.compile(r"\w[\w.\-:/]*")
+# A bare key: anything but structure, quotes and "<" (which opens <|"|>); inner spaces allowed ("first name").
+_KEY = re.compile(r"[^{}\[\],:=\"'<\s](?:[^{}\[\],:=\"'<\n]*[^{}\[\],:=\"'<\s])?")
+_SINGLE_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'", re.S)
+_WORDS = {"true": True, "false": False, "null": None, "None": None}
+_LENIENT_WORDS = {"True": True, "False": False}
+_JSON = json.JSONDecoder()
 
 
 @dataclass
 class ToolCall:
+    """A parsed call: name, arguments, its raw text (tags included), and any lenient repairs it needed."""
+
     name: str
     arguments: dict[str, Any]
     raw: str = ""
+    repairs: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """The call as a transformers/OpenAI ``tool_calls`` entry, ready to go back into a chat history."""
+        return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass
 class ToolCallError:
+    """Text that opened a tool call but does not parse as one: the raw text and why."""
+
     raw: str
     reason: str
 
 
 @dataclass
 class ParsedResponse:
-    """A model turn taken apart: thought text, the answer, tool calls, and anything unparseable."""
+    """A model turn taken apart: the answer, the thought text (None without a thought channel), the tool calls
+    and anything that looked like a call but did not parse."""
 
     content: str
     thinking: str | None = None
@@ -44,150 +68,223 @@ class ParsedResponse:
     errors: list[ToolCallError] = field(default_factory=list)
 
 
+class _SyntaxError(ValueError):
+    pass
+
+
 class _Parser:
-    def __init__(self, text: str):
-        self.text = text
-        self.i = 0
+    def __init__(self, text: str, pos: int, strict: bool):
+        self.text, self.i, self.strict = text, pos, strict
+        self.repairs: list[str] = []
 
     def fail(self, what: str):
-        raise ValueError(f"{what} at offset {self.i}: {self.text[self.i:self.i + 20]!r}")
+        raise _SyntaxError(f"{what} at {self.text[self.i:self.i + 24]!r}")
+
+    def relax(self, repair: str):
+        if self.strict:
+            self.fail(f"{repair} (strict mode)")
+        if repair not in self.repairs:
+            self.repairs.append(repair)
+
+    def at(self, token: str) -> bool:
+        return self.text.startswith(token, self.i)
 
     def skip_ws(self):
         while self.i < len(self.text) and self.text[self.i].isspace():
             self.i += 1
 
-    def expect(self, token: str):
+    def call(self) -> tuple[str, dict]:
         self.skip_ws()
-        if not self.text.startswith(token, self.i):
-            self.fail(f"expected {token!r}")
-        self.i += len(token)
+        if not self.at("call:"):
+            self.fail("expected 'call:'")
+        self.i += len("call:")
+        m = _NAME.match(self.text, self.i)
+        if not m:
+            self.fail("expected a tool name")
+        self.i = m.end()
+        self.skip_ws()
+        if not self.at("{"):
+            self.fail("expected '{' after the tool name")
+        return m.group(), self.obj()
 
-    def value(self) -> Any:
-        self.skip_ws()
+    def string(self) -> str:
         t = self.text
-        if t.startswith(STRING_DELIM, self.i):
+        if self.at(STRING_DELIM):
             end = t.find(STRING_DELIM, self.i + len(STRING_DELIM))
             if end < 0:
                 self.fail("unterminated string")
-            s = t[self.i + len(STRING_DELIM):end]
-            self.i = end + len(STRING_DELIM)
+            s, self.i = t[self.i + len(STRING_DELIM):end], end + len(STRING_DELIM)
             return s
-        if t.startswith("{", self.i):
+        if self.at('"'):
+            self.relax('"double-quoted" string')
+            try:
+                s, self.i = _JSON.raw_decode(t, self.i)
+            except json.JSONDecodeError:
+                self.fail("malformed double-quoted string")
+            return s
+        self.relax("'single-quoted' string")
+        m = _SINGLE_QUOTED.match(t, self.i)
+        if not m:
+            self.fail("unterminated single-quoted string")
+        self.i = m.end()
+        return re.sub(r"\\(.)", r"\1", m.group(1), flags=re.S)
+
+    def value(self) -> Any:
+        self.skip_ws()
+        if self.at(STRING_DELIM) or self.at('"') or self.at("'"):
+            return self.string()
+        if self.at("{"):
             return self.obj()
-        if t.startswith("[", self.i):
-            self.i += 1
-            items = []
-            self.skip_ws()
-            if t.startswith("]", self.i):
-                self.i += 1
-                return items
-            while True:
-                items.append(self.value())
-                self.skip_ws()
-                if t.startswith(",", self.i):
-                    self.i += 1
-                elif t.startswith("]", self.i):
-                    self.i += 1
-                    return items
-                else:
-                    self.fail("expected ',' or ']'")
-        # The real template writes a null argument as Python's "None".
-        for word, val in (("true", True), ("false", False), ("null", None), ("None", None)):
-            if t.startswith(word, self.i):
-                self.i += len(word)
-                return val
-        m = _NUMBER.match(t, self.i)
+        if self.at("["):
+            return self.items("[", "]", lambda out: out.append(self.value()), [])
+        for words, lenient in ((_WORDS, False), (_LENIENT_WORDS, True)):
+            for word, val in words.items():
+                if self.at(word) and not (self.text[self.i + len(word):self.i + len(word) + 1].isalnum()):
+                    if lenient:
+                        self.relax("Python True/False")
+                    self.i += len(word)
+                    return val
+        m = _NUMBER.match(self.text, self.i)
         if m:
             self.i = m.end()
             s = m.group()
             return float(s) if any(c in s for c in ".eE") else int(s)
         self.fail("expected a value")
 
-    def obj(self) -> dict:
-        self.expect("{")
-        out: dict[str, Any] = {}
+    def key(self) -> str:
         self.skip_ws()
-        if self.text.startswith("}", self.i):
+        if self.at(STRING_DELIM):
+            return self.string()
+        if self.at('"') or self.at("'"):
+            self.relax("quoted key")
+            return self.string()
+        m = _KEY.match(self.text, self.i)
+        if not m:
+            self.fail("expected a key")
+        self.i = m.end()
+        return m.group()
+
+    def member(self, out: dict):
+        key = self.key()
+        self.skip_ws()
+        if self.at("="):
+            self.relax("key=value")
+        elif not self.at(":"):
+            self.fail(f"expected ':' after key {key!r}")
+        self.i += 1
+        if key in out:  # keeping either value would silently lose the other
+            self.fail(f"duplicate key {key!r}")
+        out[key] = self.value()
+
+    def obj(self) -> dict:
+        return self.items("{", "}", self.member, {})
+
+    def items(self, open_: str, close: str, read, out):
+        self.i += len(open_)
+        self.skip_ws()
+        if self.at(close):
             self.i += 1
             return out
         while True:
+            read(out)
             self.skip_ws()
-            if self.text.startswith(STRING_DELIM, self.i):
-                key = self.value()
-            else:
-                m = _KEY.match(self.text, self.i)
-                if not m:
-                    self.fail("expected a key")
-                key, self.i = m.group(), m.end()
-            self.expect(":")
-            if key in out:
-                self.fail(f"duplicate key {key!r}")
-            out[key] = self.value()
-            self.skip_ws()
-            if self.text.startswith(",", self.i):
+            if self.at(","):
                 self.i += 1
-            elif self.text.startswith("}", self.i):
+                self.skip_ws()
+                if self.at(close):
+                    self.relax("trailing comma")
+                    self.i += 1
+                    return out
+            elif self.at(close):
                 self.i += 1
                 return out
             else:
-                self.fail("expected ',' or '}'")
+                self.fail(f"expected ',' or {close!r}")
 
 
-def parse_call(body: str) -> ToolCall:
-    """The call in ``call:NAME{...}`` (the text between the call tags); raises ValueError if malformed."""
-    p = _Parser(body)
-    p.expect("call:")
-    # Namespaced names (mcp:server:tool) contain colons: the name runs up to the argument brace.
-    brace = body.find("{", p.i)
-    if brace < 0:
-        p.fail("expected '{' after the tool name")
-    name = body[p.i:brace].strip()
-    if not _NAME.fullmatch(name):
-        p.fail(f"invalid tool name {name!r}")
-    p.i = brace
-    args = p.obj()
-    p.skip_ws()
-    if p.i != len(body):
-        p.fail("unexpected text after the arguments")
-    return ToolCall(name=name, arguments=args, raw=body)
-
-
-def parse_tool_calls(text: str) -> tuple[list[ToolCall], list[ToolCallError], str]:
-    """(calls, errors, remaining text) for every ``<|tool_call>…<tool_call|>`` in text."""
-    calls, errors, rest = [], [], []
-    pos = 0
-    while True:
-        start = text.find(CALL_OPEN, pos)
-        if start < 0:
-            rest.append(text[pos:])
-            break
+def _scan(text: str, strict: bool) -> tuple[list[ToolCall | ToolCallError], str]:
+    items, rest, pos = [], [], 0
+    while (start := text.find(CALL_OPEN, pos)) >= 0:
         rest.append(text[pos:start])
-        end = text.find(CALL_CLOSE, start)
-        if end < 0:
-            errors.append(ToolCallError(raw=text[start:], reason="tool call is not closed with <tool_call|>"))
-            break
-        body = text[start + len(CALL_OPEN):end]
+        body = start + len(CALL_OPEN)
+        close, reopen = text.find(CALL_CLOSE, body), text.find(CALL_OPEN, body)
+        closed = close >= 0 and not 0 <= reopen < close
+        p = _Parser(text, body, strict)
         try:
-            calls.append(parse_call(body))
-        except ValueError as e:
-            errors.append(ToolCallError(raw=text[start:end + len(CALL_CLOSE)], reason=str(e)))
-        pos = end + len(CALL_CLOSE)
-    return calls, errors, "".join(rest)
+            name, args = p.call()
+            p.skip_ws()
+            if not p.at(CALL_CLOSE):
+                p.fail("unexpected text after the arguments" if closed else "tool call is not closed with <tool_call|>")
+            end = p.i + len(CALL_CLOSE)
+            items.append(ToolCall(name, args, raw=text[start:end], repairs=p.repairs))
+        except _SyntaxError as e:
+            # The bad call spans up to its closing tag, or up to the next call (or the end) when it has none.
+            end = close + len(CALL_CLOSE) if closed else (reopen if reopen >= 0 else len(text))
+            reason = str(e) if closed else "tool call is not closed with <tool_call|>"
+            items.append(ToolCallError(raw=text[start:end], reason=reason))
+        pos = end
+    rest.append(text[pos:])
+    return items, "".join(rest)
 
 
-def split_response(text: str) -> ParsedResponse:
-    """Thought channel, tool calls and answer of a generated model turn (special tokens kept in text)."""
-    thinking = None
-    body = text
-    for end in (TURN_END, RESPONSE_OPEN):
-        if end in body:
-            body = body[: body.index(end)]
-    if THOUGHT_OPEN in body:
-        start = body.index(THOUGHT_OPEN)
+def parse_tool_calls(text: str, *, strict: bool = False) -> list[ToolCall | ToolCallError]:
+    """Every ``<|tool_call>…<tool_call|>`` in text, in order: a ToolCall, or a ToolCallError with the raw text."""
+    return _scan(text, strict)[0]
+
+
+def split_response(text: str, *, strict: bool = False) -> ParsedResponse:
+    """Thought, answer, tool calls and unparseable calls of a generated model turn (special tokens kept in text).
+
+    Follows Gemma 4's response schema: an optional ``<|channel>thought\\n…<channel|>``, tool calls, and the answer
+    up to ``<turn|>``, ``<|tool_response>`` or ``<eos>``. A thought that never closes (the turn was cut short) is
+    all thinking; a ``<channel|>`` with no opener closes a thought the prompt opened.
+    """
+    ends = [i for i in (text.find(e) for e in ANSWER_END) if i >= 0]
+    body = text[:min(ends)] if ends else text
+    thoughts, answer, pos = [], [], 0
+    first_close, first_open = body.find(THOUGHT_CLOSE), body.find(THOUGHT_OPEN)
+    if first_close >= 0 and (first_open < 0 or first_close < first_open):
+        thoughts.append(body[:first_close])
+        pos = first_close + len(THOUGHT_CLOSE)
+    while (start := body.find(THOUGHT_OPEN, pos)) >= 0:
+        answer.append(body[pos:start])
         close = body.find(THOUGHT_CLOSE, start)
         inner = body[start + len(THOUGHT_OPEN): close if close >= 0 else len(body)]
-        thinking = inner.removeprefix("thought").removeprefix("\n")
-        body = body[:start] + (body[close + len(THOUGHT_CLOSE):] if close >= 0 else "")
-    calls, errors, rest = parse_tool_calls(body)
-    return ParsedResponse(content=rest.strip(), thinking=thinking.strip() if thinking else thinking,
-                          tool_calls=calls, errors=errors)
+        thoughts.append(inner.removeprefix("thought").removeprefix("\n"))
+        pos = close + len(THOUGHT_CLOSE) if close >= 0 else len(body)
+    answer.append(body[pos:])
+    items, content = _scan("".join(answer), strict)
+    return ParsedResponse(
+        content=content.strip(),
+        thinking="\n".join(t.strip() for t in thoughts) if thoughts else None,
+        tool_calls=[c for c in items if isinstance(c, ToolCall)],
+        errors=[c for c in items if isinstance(c, ToolCallError)])
+
+
+def _dictsort(d: Mapping):
+    # Jinja's dictsort: by key, case-insensitively (stable for keys equal but for case).
+    return sorted(d.items(), key=lambda kv: kv[0].lower() if isinstance(kv[0], str) else kv[0])
+
+
+def format_value(value: Any) -> str:
+    """A value as the chat template's format_argument macro writes it in calls and responses (bare keys)."""
+    if isinstance(value, str):
+        return STRING_DELIM + value + STRING_DELIM
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in _dictsort(value)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)  # numbers as Python prints them; None as "None", as Jinja renders it
+
+
+def format_tool_call(name: str, arguments: Mapping) -> str:
+    """``call:NAME{...}`` as the chat template renders an assistant tool call (between the call tags)."""
+    return f"call:{name}{format_value(dict(arguments))}"
+
+
+def format_tool_response(name: str, result: Any) -> str:
+    """``response:NAME{...}`` as the chat template renders a tool result (non-dict results as ``{value:...}``);
+    after the model stops on ``<|tool_response>``, append this plus ``<tool_response|>`` to continue its turn."""
+    return f"response:{name}{format_value(result if isinstance(result, Mapping) else {'value': result})}"

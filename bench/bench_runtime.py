@@ -115,6 +115,7 @@ def run_ours(path: Path, depths, chunk: int, prompt: int, video: Path) -> dict:
             mx.eval(model(tok, cache=caches, logits_to_keep=1))
 
         res[f"decode_tps@{d}"] = 1 / timed(step, DECODE_STEPS)
+        print(f"  gemma-mlx decode at {d}: {res[f'decode_tps@{d}']:.3f} tok/s", flush=True)
         caches = fill_ours(model, d)
         ids = mx.array(np.full((1, chunk), 9, np.int32))
         t = time.perf_counter()
@@ -145,7 +146,7 @@ def run_peer(kind: str, path: Path, depths, chunk: int, prompt: int) -> dict:
         view.mkdir(exist_ok=True)
         for f in path.iterdir():
             if f.name != "config.json" and not (view / f.name).exists():
-                (view / f.name).symlink_to(f)
+                (view / f.name).symlink_to(f.resolve())
         cfg = json.loads((path / "config.json").read_text())
         cfg["text_config"].update(hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False)
         (view / "config.json").write_text(json.dumps(cfg))
@@ -177,6 +178,7 @@ def run_peer(kind: str, path: Path, depths, chunk: int, prompt: int) -> dict:
             mx.eval(out.logits if hasattr(out, "logits") else out)
 
         res[f"decode_tps@{d}"] = 1 / timed(step, DECODE_STEPS)
+        print(f"  {kind} decode at {d}: {res[f'decode_tps@{d}']:.3f} tok/s", flush=True)
         caches = fill_peer(lm.make_cache(), d, shapes)
         ids = mx.array(np.full((1, chunk), 9, np.int32))
         t = time.perf_counter()
@@ -215,19 +217,26 @@ def copy_bandwidth_gbs() -> float:
 
 
 def main():
+    from gemma_mlx.platform import reexec_with_fast_blas
+
+    reexec_with_fast_blas()  # every runtime in this process then shares the same (fast, if installed) BLAS
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--depths", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=512, help="prefill length from an empty cache (0 = skip)")
+    ap.add_argument("--quick", action="store_true", help="depth 2K only, 128-token prompt: a smoke run")
     ap.add_argument("--peers", nargs="*", default=["mlx-lm", "mlx-vlm"])
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    if args.quick:
+        args.depths, args.prompt = [2048], 128
     sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         path = build(Path(tmp), args.layers)
         weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         video = write_video(Path(tmp) / "clip.mp4")
+        print(f"model ready: {path}", flush=True)
         results = {"gemma-mlx": run_ours(path, args.depths, args.chunk, args.prompt, video)}
         print("gemma-mlx", results["gemma-mlx"], flush=True)
         for peer in args.peers:

@@ -1,9 +1,9 @@
-"""Attention entry point: one signature for every caller, memory-bounded at long context.
+"""The kernel entry points: one function per op, one signature on every backend.
 
-This is the pure-MLX reference path (statistics in float32). Short problems (decode, small prefill chunks)
-take one dense pass; larger ones are processed in key blocks with an online softmax, so the scratch is
-(queries × block) instead of (queries × context): a 512-token chunk over 256K keys needs a few hundred MB, not
-the 8 GB of the full score matrix. Visibility always comes from gemma_mlx.model.masks.allowed.
+The backend is chosen once, at import (launch.select_backend): the Metal kernels where Metal is available, their
+CUDA twins (the same shared bodies) where MLX has CUDA, and the pure-MLX reference path (reference.py) everywhere
+else or when ``GEMMA_MLX_KERNELS=reference``. Shapes the kernels do not cover (head dims that are not a multiple
+of 32, other dtypes) take the reference path on any backend.
 """
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ import os
 
 import mlx.core as mx
 
-from gemma_mlx.model.masks import allowed
+from . import reference
+from .launch import Launcher, attention_kernel, kernel_supports, select_backend
 
-# Above this many score entries (query heads × queries × keys) attention runs blockwise.
+BACKEND = select_backend()
+_LAUNCH = Launcher(BACKEND) if BACKEND != "reference" else None
+
+# Reference path: above this many score entries (query heads × queries × keys), or more than KEY_BLOCK keys,
+# attention runs blockwise. Read at call time, so tests can shrink them.
 DENSE_LIMIT = int(os.environ.get("GEMMA_MLX_ATTENTION_DENSE_LIMIT", 1 << 24))
 KEY_BLOCK = int(os.environ.get("GEMMA_MLX_ATTENTION_KEY_BLOCK", 4096))
 
@@ -34,52 +39,42 @@ def attention(
 ) -> mx.array:
     """Attention output (B, Hq, L, D) for q (B, Hq, L, D) over k, v (B, Hkv, S, D), masked by masks.allowed.
 
-    Query head i uses KV head i // (Hq / Hkv). Keys with k_pos < 0 are empty slots. A query that sees no key
-    gets zeros rather than NaN.
+    Query head i uses KV head i // (Hq / Hkv). q_pos (L,) and k_pos (S,) are absolute positions; k_pos < 0 marks
+    an empty slot, so a ring buffer can be passed whole, in ring order. Softmax statistics are float32; the
+    output has q's dtype. A query that sees no key gets zeros rather than NaN.
+
+    In-place cache reading: k and v may be strided views (``buf[..., :n, :]`` of a preallocated buffer) or a
+    whole ring buffer; the kernels read them through their strides, without a copy. Decode (a few queries) is
+    split over the keys; longer chunks run flash-style and never build the chunk × context score matrix; tiles
+    no query can see (outside the window, after the last query) are skipped.
     """
-    B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, group, L, D)
-    rule = dict(window=window, q_block=q_block, block_overrides_window=block_overrides_window)
-    if Hq * L * S <= DENSE_LIMIT:
-        return _dense(qf, k, v, q_pos, k_pos, k_block, rule).reshape(B, Hq, L, -1).astype(q.dtype)
-    return _blocked(qf, k, v, q_pos, k_pos, k_block, rule).reshape(B, Hq, L, -1).astype(q.dtype)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1, got {window}")
+    if _LAUNCH is not None and kernel_supports(q, k, v):
+        return attention_kernel(
+            q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
+            block_overrides_window=block_overrides_window, launch=_LAUNCH,
+        )
+    return reference.attention(
+        q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
+        block_overrides_window=block_overrides_window, dense_limit=DENSE_LIMIT, key_block=KEY_BLOCK,
+    )
 
 
-def _visible(q_pos, k_pos, k_block, rule) -> mx.array:
-    return allowed(q_pos, k_pos, k_block=k_block, **rule)
+def patch_embed(
+    patches: mx.array,
+    ln1_w: mx.array,
+    ln1_b: mx.array,
+    dense_w: mx.array,
+    dense_b: mx.array,
+    ln2_w: mx.array,
+    ln2_b: mx.array,
+    eps: float = 1e-5,
+) -> mx.array:
+    """Gemma 4's patch projection: LayerNorm(6912) -> x @ dense_w.T + dense_b -> LayerNorm(3840).
 
-
-def _dense(qf, k, v, q_pos, k_pos, k_block, rule) -> mx.array:
-    mask = _visible(q_pos, k_pos, k_block, rule)
-    scores = qf @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
-    scores = mx.where(mask, scores, -mx.inf)
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    probs = mx.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
-    return probs @ v.astype(mx.float32)[:, :, None]
-
-
-def _blocked(qf, k, v, q_pos, k_pos, k_block, rule) -> mx.array:
-    """Online softmax over key blocks: running max m, normaliser l and weighted sum acc, all float32."""
-    S = k.shape[2]
-    shape = qf.shape[:-1] + (1,)
-    m = mx.full(shape, -mx.inf, dtype=mx.float32)
-    l = mx.zeros(shape, dtype=mx.float32)
-    acc = mx.zeros(qf.shape[:-1] + (v.shape[-1],), dtype=mx.float32)
-    for start in range(0, S, KEY_BLOCK):
-        end = min(start + KEY_BLOCK, S)
-        kb = k[:, :, start:end].astype(mx.float32)[:, :, None]
-        vb = v[:, :, start:end].astype(mx.float32)[:, :, None]
-        mask = _visible(q_pos, k_pos[start:end], None if k_block is None else k_block[start:end], rule)
-        scores = mx.where(mask, qf @ kb.swapaxes(-1, -2), -mx.inf)
-        m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
-        # Rows that have seen no visible key yet keep m = -inf; shift by 0 there so exp() stays finite.
-        shift = mx.where(mx.isinf(m_new), 0.0, m_new)
-        p = mx.exp(scores - shift)
-        correction = mx.exp(mx.where(mx.isinf(m), -mx.inf, m - shift))
-        l = l * correction + p.sum(axis=-1, keepdims=True)
-        acc = acc * correction + p @ vb
-        m = m_new
-        mx.eval(m, l, acc)  # bound the graph (and the scratch) to one block at a time
-    return mx.where(l > 0, acc / mx.maximum(l, 1e-30), 0.0)
+    patches (..., 6912); dense_w (3840, 6912) as stored in the checkpoint. Returns (..., 3840) in dense_w's
+    dtype, LayerNorm statistics in float32. The same MLX ops on every backend: the GEMM is ~99% of the work and
+    no custom kernel measurably beats MLX's addmm plus its fused LayerNorm (bench/bench_kernels.py, README).
+    """
+    return reference.patch_embed(patches, ln1_w, ln1_b, dense_w, dense_b, ln2_w, ln2_b, eps)

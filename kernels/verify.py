@@ -47,6 +47,30 @@ class ToolMissing(RuntimeError):
     """A verification tool could not be found or obtained; the message says how to get it."""
 
 
+# --------------------------------------------------------------------------------------------------- oracle
+
+def oracle_attention(q, k, v, scale, q_pos, k_pos, window=None, q_block=None, k_block=None, override=False):
+    """float64 numpy attention straight from the brief's definition (not from masks.allowed): causal, the window
+    k > q - W, vision blocks (bidirectional inside a block; past the window only with override), empty slots
+    k_pos < 0, GQA by head groups; a query with no visible key gives zeros."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    q_pos, k_pos = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]
+    same = np.zeros((q_pos.shape[0], k_pos.shape[1]), dtype=bool)
+    if q_block is not None and k_block is not None:
+        qb, kb = np.asarray(q_block)[:, None], np.asarray(k_block)[None, :]
+        same = (qb == kb) & (qb >= 0)
+    visible = (k_pos >= 0) & ((k_pos <= q_pos) | same)
+    if window is not None:
+        visible &= (k_pos > q_pos - window) | (same & override)
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = np.where(visible, np.einsum("bhld,bhsd->bhls", q, k) * scale, -np.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    p = np.where(visible, np.exp(scores - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhls,bhsd->bhld", p, v) / np.where(total > 0, total, 1.0)
+
+
 # --------------------------------------------------------------------------------------------- Metal capture
 
 @contextlib.contextmanager
@@ -366,8 +390,9 @@ def cpu_translation_unit(spec: KernelSpec, input_dtypes, template, output_dtypes
 class CpuEmulator:
     """A launch callable that runs each launch through the CPU emulation (compiled once per instantiation).
 
-    ``calls`` keeps, per launch, the element strides each input was passed with, so a test can see that a cache
-    view was read in place. ``flags`` adds compiler flags (e.g. ThreadSanitizer).
+    ``calls`` keeps, per launch, the element strides each input was passed with (so a test can see that a cache
+    view was read in place) and how many K/V tiles were loaded (so it can see tiles outside the window skipped).
+    ``flags`` adds compiler flags.
     """
 
     def __init__(self, flags: tuple[str, ...] = (), cache: Path = CACHE_DIR):
@@ -398,6 +423,7 @@ class CpuEmulator:
             tmp.replace(so)
         lib = ctypes.CDLL(str(so))
         lib.kx_run.restype = ctypes.c_int
+        lib.kx_tiles_loaded_last.restype = ctypes.c_long
         self._libs[digest] = lib
         return lib
 
@@ -435,7 +461,7 @@ class CpuEmulator:
         if rc:
             raise RuntimeError(f"{spec.name}: emulation error {rc} (1: threadgroup memory over 32 KB)")
         self.calls.append({"kernel": spec.name, "strides": record, "template": dict(template),
-                           "groups": groups, "threads": tg})
+                           "groups": groups, "threads": tg, "tiles_loaded": int(lib.kx_tiles_loaded_last())})
         result = []
         for o, dt in zip(outs, output_dtypes):
             arr = mx.array(o)

@@ -18,6 +18,9 @@
 #define KX_F32(x) static_cast<float>(x)
 #define KX_CAST(T, x) static_cast<T>(x)
 #define KX_EXP(x) std::exp(x)
+// K/V tiles a launch actually loaded (thread 0 of each group counts), to check that tiles no query can see
+// are skipped.
+#define KX_COUNT_TILE() do { if (kx_ctx->tid == 0) kx_tiles_loaded++; } while (0)
 
 struct kx_bf16 {  // storage-compatible with MLX bfloat16; float -> bf16 rounds to nearest even
   uint16_t bits;
@@ -39,6 +42,8 @@ typedef _Float16 kx_f16;
 
 constexpr size_t KX_ARENA_BYTES = 32768;
 std::atomic<int> kx_error{0};  // 1: a group asked for more threadgroup memory than Apple GPUs have
+std::atomic<long> kx_tiles_loaded{0};
+extern "C" long kx_tiles_loaded_last() { return kx_tiles_loaded.load(); }
 
 struct KxGroup {
   explicit KxGroup(int tg) : block_bar(tg), scratch(tg) {
@@ -91,6 +96,7 @@ inline float kx_warp_sum(float v) {
 template <class F>
 int kx_launch(int tg, int n_groups, F&& body) {
   kx_error = 0;
+  kx_tiles_loaded = 0;
   if (tg % 32 != 0) return 2;
   auto group = std::make_unique<KxGroup>(tg);
   std::vector<std::thread> threads;

@@ -6,6 +6,7 @@
 #define KX_SYNC() __syncthreads()
 #define KX_F32(x) static_cast<float>(x)
 #define KX_CAST(T, x) static_cast<T>(x)
+#define KX_COUNT_TILE() ((void)0)  // instrumentation: counts only in the CPU emulation
 #define KX_EXP(x) expf(x)
 // Fixed xor-butterfly order; every lane ends with the same value (each step adds a pair that is equal on both
 // partners), which the bodies rely on for warp-uniform branches.

@@ -1,0 +1,207 @@
+"""The shared attention bodies, compiled with g++ behind the CPU macro layer (threads + barriers) and run through
+the same launch plan the Metal/CUDA backends use, against the float64 oracle and the reference path.
+
+Shapes are Gemma 4's where it matters (full layers: D=512, 16 query heads on 1 KV head; sliding layers: D=256,
+16 on 8, window arithmetic over a wrapped ring), with short contexts so the emulation stays quick. The caches are
+the model's own (gemma_mlx.cache), so in-place reading is checked on what the model really passes.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma_mlx.cache import FullCache, RingCache
+from gemma_mlx.kernels import launch, reference, verify
+from gemma_mlx.kernels.launch import attention_kernel
+
+gxx, why = verify.find_gxx()
+pytestmark = pytest.mark.skipif(gxx is None, reason=why)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return verify.CpuEmulator()
+
+
+def _rand(rng, shape, dtype):
+    return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def _f64(x):
+    return np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def run_kernel(emu, q, k, v, scale, q_pos, k_pos, window=None, q_block=None, k_block=None, override=False):
+    out = attention_kernel(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block,
+                           k_block=k_block, block_overrides_window=override, launch=emu)
+    mx.eval(out)
+    return out
+
+
+def check(emu, q, k, v, scale, q_pos, k_pos, window=None, q_block=None, k_block=None, override=False):
+    """Kernel vs float64 oracle (float32 tolerance on float32 inputs) and vs the reference (same rounding)."""
+    got = run_kernel(emu, q, k, v, scale, q_pos, k_pos, window, q_block, k_block, override)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    blk = {} if q_block is None else dict(q_block=np.array(q_block), k_block=np.array(k_block))
+    want = verify.oracle_attention(_f64(q), _f64(k), _f64(v), scale, np.array(q_pos), np.array(k_pos), window,
+                                   override=override, **blk)
+    ref = reference.attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block,
+                              k_block=k_block, block_overrides_window=override, dense_limit=1 << 24,
+                              key_block=4096)
+    g, r = _f64(got), _f64(ref)
+    assert np.isfinite(g).all()
+    if q.dtype == mx.float32:
+        np.testing.assert_allclose(g, want, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4)
+    else:
+        # Same float32 arithmetic from the same rounded inputs; only the final rounding to q's dtype may differ.
+        ulp = 2.0 ** (-7 if q.dtype == mx.bfloat16 else -10)
+        assert np.all(np.abs(g - r) <= ulp * np.abs(r) + 1e-6)
+        np.testing.assert_allclose(g, want, atol=4 * ulp, rtol=4 * ulp)
+    return got
+
+
+def test_full_layer_decode_reads_the_preallocated_cache_in_place(emu):
+    """D=512 MQA decode over a FullCache view; split over the keys (3 slices), strides are the buffer's."""
+    rng = np.random.default_rng(0)
+    cache = FullCache(step=1024)
+    for n in (500, 100):  # prefill, then more
+        cache.update(_rand(rng, (1, 1, n, 512), mx.bfloat16), _rand(rng, (1, 1, n, 512), mx.bfloat16))
+    keys, values, k_pos = cache.update(_rand(rng, (1, 1, 1, 512), mx.bfloat16),
+                                       _rand(rng, (1, 1, 1, 512), mx.bfloat16))
+    assert keys.shape[2] == 601 and cache.capacity == 1024
+    q = _rand(rng, (1, 16, 1, 512), mx.bfloat16)
+    emu.calls.clear()
+    check(emu, q, keys, values, 0.05, mx.array([600], dtype=mx.int32), k_pos)
+    tile = emu.calls[0]
+    assert tile["kernel"] == "gemma_attn_tile"
+    assert tile["strides"]["k"] == (1024 * 512, 1024 * 512, 512, 1)  # the buffer, not a 601-row copy
+    assert tile["template"]["G"] == 16 and tile["groups"] == 3  # 16 query rows per K/V tile, 3 key slices
+
+
+def test_sliding_decode_over_a_wrapped_ring_with_empty_slots(emu):
+    """D=256, 16 query heads on 8 KV heads, the ring returned whole in ring order after wrapping and a rollback."""
+    rng = np.random.default_rng(1)
+    ring = RingCache(window=64, extra=16)
+    for n in (16,) * 12 + (7,):  # 199 positions through a 79-slot ring
+        ring.update(_rand(rng, (1, 8, n, 256), mx.bfloat16), _rand(rng, (1, 8, n, 256), mx.bfloat16))
+    ring.trim(5)  # the newest 5 slots become empty (-1)
+    keys, values, k_pos = ring.update(_rand(rng, (1, 8, 1, 256), mx.bfloat16),
+                                      _rand(rng, (1, 8, 1, 256), mx.bfloat16))
+    pos = np.array(k_pos)
+    assert (pos < 0).sum() == 4 and not np.all(np.diff(pos[pos >= 0]) > 0)  # empty slots, wrapped order
+    q = _rand(rng, (1, 16, 1, 256), mx.bfloat16)
+    emu.calls.clear()
+    check(emu, q, keys, values, 1 / 16, mx.array([ring.offset - 1], dtype=mx.int32), k_pos, window=64)
+    assert emu.calls[0]["strides"]["k"] == (8 * 79 * 256, 79 * 256, 256, 1)
+
+
+def test_full_layer_prefill_chunk_at_an_offset(emu):
+    """A 37-token chunk continuing a 90-token cache (causal): tiles after the last query are never loaded."""
+    rng = np.random.default_rng(2)
+    cache = FullCache(step=256)
+    cache.update(_rand(rng, (1, 1, 90, 512), mx.bfloat16), _rand(rng, (1, 1, 90, 512), mx.bfloat16))
+    keys, values, k_pos = cache.update(_rand(rng, (1, 1, 37, 512), mx.bfloat16),
+                                       _rand(rng, (1, 1, 37, 512), mx.bfloat16))
+    q = _rand(rng, (1, 16, 37, 512), mx.bfloat16)
+    emu.calls.clear()
+    check(emu, q, keys, values, 0.05, mx.arange(90, 127, dtype=mx.int32), k_pos)
+    tile = emu.calls[0]
+    BK = tile["template"]["BK"]
+    # One query per group (BQ=1 at D=512 with 16 heads): query p needs tiles up to p // BK.
+    assert tile["tiles_loaded"] == sum(p // BK + 1 for p in range(90, 127))
+
+
+def test_sliding_prefill_skips_tiles_outside_the_window(emu):
+    """A 48-token chunk over the window's past (the ring's long-chunk path): far tiles are skipped, not masked."""
+    rng = np.random.default_rng(3)
+    ring = RingCache(window=32, extra=8)
+    ring.update(_rand(rng, (1, 8, 8, 256), mx.bfloat16), _rand(rng, (1, 8, 8, 256), mx.bfloat16))
+    for _ in range(8):
+        ring.update(_rand(rng, (1, 8, 8, 256), mx.bfloat16), _rand(rng, (1, 8, 8, 256), mx.bfloat16))
+    start = ring.offset
+    keys, values, k_pos = ring.update(_rand(rng, (1, 8, 48, 256), mx.bfloat16),
+                                      _rand(rng, (1, 8, 48, 256), mx.bfloat16))
+    q = _rand(rng, (1, 16, 48, 256), mx.bfloat16)
+    q_pos = mx.arange(start, start + 48, dtype=mx.int32)
+    emu.calls.clear()
+    check(emu, q, keys, values, 1 / 16, q_pos, k_pos, window=32)
+    tile = emu.calls[0]
+    BK, BQ = tile["template"]["BK"], tile["template"]["BQ"]
+    pos, qp = np.array(k_pos), np.array(q_pos)
+    S = len(pos)
+    expected = 0
+    for q0 in range(0, 48, BQ):
+        lo, hi = qp[q0:q0 + BQ].min(), qp[q0:q0 + BQ].max()
+        for k0 in range(0, S, BK):
+            kp = pos[k0:k0 + BK]
+            expected += bool(np.any((kp >= 0) & (kp <= hi) & (kp > lo - 32)))
+    all_tiles = -(-48 // BQ) * 8 * -(-S // BK)
+    assert tile["tiles_loaded"] == expected * 8 < all_tiles  # 8 KV heads
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_vision_blocks_window_and_override(emu, override):
+    """Bidirectional blocks (one longer than the window), with and without the block overriding the window."""
+    rng = np.random.default_rng(4)
+    L = S = 40
+    q, k, v = _rand(rng, (1, 4, L, 64), mx.float32), _rand(rng, (1, 2, S, 64), mx.float32), \
+        _rand(rng, (1, 2, S, 64), mx.float32)
+    blocks = np.full(L, -1, dtype=np.int32)
+    blocks[3:17] = 0  # 14 tokens > window 6
+    blocks[20:24] = 1
+    pos = mx.arange(S, dtype=mx.int32)
+    b = mx.array(blocks)
+    check(emu, q, k, v, 0.3, pos, pos, window=6, q_block=b, k_block=b, override=override)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 16])
+def test_gqa_window_edges_partial_query_tiles_float16(emu, window):
+    """GQA 4:1 at D=128 in float16; 19 queries at an offset (a partial last query tile)."""
+    rng = np.random.default_rng(5)
+    q, k, v = _rand(rng, (1, 8, 19, 128), mx.float16), _rand(rng, (1, 2, 50, 128), mx.float16), \
+        _rand(rng, (1, 2, 50, 128), mx.float16)
+    check(emu, q, k, v, 0.1, mx.arange(31, 50, dtype=mx.int32), mx.arange(50, dtype=mx.int32), window=window)
+
+
+def test_multi_head_batch_and_split_float32(emu):
+    """MHA, batch 2, two queries over 700 keys: split over the keys, combined across slices."""
+    rng = np.random.default_rng(6)
+    q, k, v = _rand(rng, (2, 2, 2, 64), mx.float32), _rand(rng, (2, 2, 700, 64), mx.float32), \
+        _rand(rng, (2, 2, 700, 64), mx.float32)
+    emu.calls.clear()
+    check(emu, q, k, v, 0.2, mx.array([698, 699], dtype=mx.int32), mx.arange(700, dtype=mx.int32), window=300)
+    assert emu.calls[0]["groups"] > 2 * 2  # more than one key slice per (batch, head)
+
+
+def test_rows_that_see_nothing_are_zero_not_nan(emu):
+    """An all-empty cache, and queries whose window holds no cached key."""
+    rng = np.random.default_rng(7)
+    q, k, v = _rand(rng, (1, 16, 1, 512), mx.float32), _rand(rng, (1, 1, 9, 512), mx.float32), \
+        _rand(rng, (1, 1, 9, 512), mx.float32)
+    out = run_kernel(emu, q, k, v, 1.0, mx.array([5], dtype=mx.int32), mx.full((9,), -1, dtype=mx.int32))
+    assert np.array_equal(np.array(out), np.zeros(q.shape, np.float32))
+    q2 = _rand(rng, (1, 4, 3, 64), mx.float32)
+    k2, v2 = _rand(rng, (1, 2, 10, 64), mx.float32), _rand(rng, (1, 2, 10, 64), mx.float32)
+    out2 = check(emu, q2, k2, v2, 1.0, mx.array([30, 31, 100], dtype=mx.int32), mx.arange(10, 20, dtype=mx.int32),
+                 window=12)
+    assert np.all(np.array(out2)[:, :, 2] == 0) and np.all(np.array(out2)[:, :, 0] != 0)
+
+
+def test_launch_plans_fit_the_hardware():
+    """Every plan the dispatcher can make: whole threadgroups, rows mapped onto warps, tiles within 32 KB."""
+    for D in (64, 128, 256, 512):
+        for Hq, Hkv in ((16, 1), (16, 8), (8, 2), (4, 4), (3, 1)):
+            for L in (1, 2, 3, 8, 17, 512):
+                for itemsize in (2, 4):
+                    p = launch.plan_attention(1, Hq, Hkv, L, 5000, D, itemsize)
+                    R = p.R
+                    assert p.BQ >= 1 and p.QT * p.BQ >= L and (p.QT - 1) * p.BQ < L
+                    assert (R % launch.NW == 0) if R >= launch.NW else (launch.NW % R == 0)
+                    wr = max(1, launch.NW // R)
+                    assert D % (32 * wr) == 0
+                    shared = 2 * p.BK * D * itemsize + 2 * p.BK * 4 + launch.NW * p.BK * 4
+                    assert shared <= 32768 and p.BK <= launch.TG
+                    assert p.NS * p.SPLIT >= 5000 and p.SPLIT % p.BK == 0

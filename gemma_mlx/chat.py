@@ -1,148 +1,217 @@
 """A multi-turn chat session in the checkpoint's own template, reusing the KV cache across turns.
 
-Each turn renders the whole conversation with the template (so history follows the official format) and
-prefills only what differs from what the caches hold. The template re-renders a finished model turn without
-the generation prompt it was produced after; the session keeps a snapshot of the caches at that point, so the
-next turn rolls back to it instead of re-reading the conversation, also once the sliding window has wrapped.
+Every turn renders the whole conversation with the template, so the history is exactly what transformers'
+apply_chat_template would give, and prefills only what differs from what the caches hold. The Gemma 4 template
+re-renders a finished model turn differently from the generation prompt it was produced after (without the
+empty thought channel, without thinking), so the next turn must roll back to the start of that model turn. The
+session keeps a snapshot of the caches there, which works also once the sliding window's ring has wrapped.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .api import Attachments, Gemma, Piece, Result, user_message
-from .cache import make_cache
+from .api import Attachments, Gemma, Piece, Result, _last, user_message
 from .errors import InputError
-from .generate import PromptCache
+from .prefill import DEFAULT_PREFILL_CHUNK
 
 
 class Chat:
-    """A conversation: ``send`` streams a reply, ``ask`` returns it; history, system prompt, thinking, tools."""
+    """A conversation with history, system prompt, thinking, tools and attachments.
+
+    ``send`` streams the reply to a user message (Pieces, then the Result); ``ask`` returns the Result.
+    When the model calls tools, run them and hand their results to ``send_tool_results``: the model goes on with
+    the same turn.
+    """
 
     def __init__(self, gemma: Gemma, *, system: str | None = None, enable_thinking: bool = False,
-                 tools: list[dict] | None = None, max_context: int | None = None, **sampling):
+                 tools: list | None = None, max_context: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **sampling):
+        gemma.options(**sampling)  # refuse a bad option now, not at the first message
         self.gemma = gemma
         self.system = system
         self.enable_thinking = enable_thinking
         self.tools = tools
         self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
         self.sampling = sampling
-        self.messages: list[dict] = []
-        self._media: list[Attachments] = []  # one per user message, in order
-        self.last: Result | None = None
+        self.cache = gemma.new_cache(max_context)
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation (the system prompt and settings stay)."""
-        self.messages, self._media, self.last = [], [], None
-        self.cache = PromptCache(make_cache(self.gemma.config.text))
+        """Forget the conversation (the system prompt, tools and settings stay)."""
+        self.messages: list[dict] = []  # without the system prompt
+        self._media: list[Attachments] = []  # one per user message, in order
+        self.last: Result | None = None
 
-    def _conversation(self) -> list[dict]:
+    @property
+    def history(self) -> list[dict]:
+        """The conversation as the template sees it: the system prompt, then the messages."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def _all_media(self) -> Attachments:
-        out = Attachments()
-        for m in self._media:
-            out.images += m.images
-            out.audios += m.audios
-            out.videos += m.videos
-        return out
+    # -- turns ----------------------------------------------------------------------------------------
 
-    def _stream(self, add_generation_prompt: bool) -> Iterator[Piece | Result]:
-        g = self.gemma
-        conversation = self._conversation()
-        text = g.render(conversation, tools=self.tools, enable_thinking=self.enable_thinking,
-                        add_generation_prompt=add_generation_prompt)
-        media = self._all_media()
-        checkpoint = None
-        if add_generation_prompt:
-            # Where the next turn's rendering will part from this one: the start of the generation prompt.
-            head = g.render(conversation, tools=self.tools, enable_thinking=self.enable_thinking,
-                            add_generation_prompt=False)
-            if text.startswith(head):
-                checkpoint = len(g.encode(head, media)[0])
-        for item in g.stream_text(text, media, opts=g.options(**self.sampling), cache=self.cache,
-                                  max_context=self.max_context, checkpoint_at=checkpoint):
-            if isinstance(item, Result):
-                self._record(item)
-            yield item
-
-    def _record(self, result: Result) -> None:
-        parsed = result.parsed
-        mt = self.gemma.media_tokens
-        if mt is not None:
-            # A sampled media token would re-render as a placeholder with no media behind it.
-            for token in (mt.image, mt.audio, mt.video, mt.boi, mt.eoi, mt.boa, mt.eoa):
-                parsed.content = parsed.content.replace(token, "")
-        if self.messages and self.messages[-1]["role"] == "assistant" and self.messages[-1].get("tool_responses"):
-            last = self.messages[-1]  # continuing the same model turn after tool results
-            last["content"] = (last.get("content") or "") + parsed.content
-        else:
-            message = {"role": "assistant", "content": parsed.content}
-            if parsed.thinking:
-                message["reasoning_content"] = parsed.thinking
-            self.messages.append(message)
-        if parsed.tool_calls:
-            self.messages[-1]["tool_calls"] = [
-                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.tool_calls]
-        self.last = result
-
-    def send(self, text: str, *, images=(), audios=(), videos=(), **media_options) -> Iterator[Piece | Result]:
-        """Stream the reply to a user message (with optional attachments), ending with its Result."""
+    def send(self, text: str, *, images=(), audios=(), videos=(), enable_thinking: bool | None = None,
+             should_stop: Callable[[], bool] | None = None, **media_options) -> Iterator[Piece | Result]:
+        """Stream the reply to a user message with optional attachments (paths, bytes, PIL images, arrays)."""
         media = self.gemma.load_media(images, audios, videos, **media_options)
         self.messages.append(user_message(text, media))
         self._media.append(media)
-        try:
-            yield from self._stream(add_generation_prompt=True)
-        except BaseException:
-            if self.last is None or self.messages[-1]["role"] == "user":
-                self.messages.pop()  # an interrupted or failed turn leaves no half-recorded history
-                self._media.pop()
-            raise
+        yield from self._turn(enable_thinking, should_stop, "send")
 
     def ask(self, text: str, **kwargs) -> Result:
-        """The finished reply to a user message."""
+        """The finished reply to a user message (keywords as for send)."""
         return _last(self.send(text, **kwargs))
 
-    def send_tool_results(self, results: list[dict]) -> Iterator[Piece | Result]:
-        """Give the model the results of its tool calls ([{"name", "response"}]) and stream its continuation."""
-        if not self.messages or self.messages[-1]["role"] != "assistant" or not self.messages[-1].get("tool_calls"):
-            raise InputError("there are no pending tool calls to answer")
-        self.messages[-1]["tool_responses"] = list(results)
-        yield from self._stream(add_generation_prompt=False)
+    def send_tool_results(self, results: list[dict], *, should_stop: Callable[[], bool] | None = None
+                          ) -> Iterator[Piece | Result]:
+        """Give the model the results of its pending tool calls and stream the rest of its turn.
 
-    def retry(self) -> Iterator[Piece | Result]:
-        """Stream a new reply to the last user message, replacing the previous one."""
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise InputError("nothing to retry")
-        self.messages.pop()
-        yield from self._stream(add_generation_prompt=True)
+        results: [{"name": tool name, "response": dict or any JSON value}], one per call, in order.
+        """
+        pending = self.messages[-1] if self.messages else {}
+        if pending.get("role") != "assistant" or not pending.get("tool_calls") or pending.get("tool_responses"):
+            raise InputError("there are no pending tool calls to answer")
+        names = [c["function"]["name"] for c in pending["tool_calls"]]
+        for r in results:
+            if not isinstance(r, dict) or "name" not in r or "response" not in r:
+                raise InputError(f"each tool result must be a dict with 'name' and 'response', got {r!r}")
+            if r["name"] not in names:
+                raise InputError(f"a result for {r['name']!r}, but the model called {', '.join(names)}")
+        pending["tool_responses"] = [{"name": r["name"], "response": r["response"]} for r in results]
+        yield from self._turn(None, should_stop, "tools")
+
+    def ask_tool_results(self, results: list[dict], **kwargs) -> Result:
+        """The rest of the model's turn once it has the results of its tool calls (see send_tool_results)."""
+        return _last(self.send_tool_results(results, **kwargs))
+
+    def retry(self, *, should_stop: Callable[[], bool] | None = None) -> Iterator[Piece | Result]:
+        """Stream a new reply to the last user message, replacing the previous reply."""
+        last_user = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
+        if last_user is None or last_user == len(self.messages) - 1:
+            raise InputError("there is no reply to retry")
+        del self.messages[last_user + 1:]
+        yield from self._turn(None, should_stop, "retry")
+
+    def undo(self) -> None:
+        """Drop the last user message and everything after it."""
+        last_user = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise InputError("there is nothing to undo")
+        del self.messages[last_user:]
+        self._media.pop()
+        self.last = None
+
+    def _turn(self, enable_thinking: bool | None, should_stop, mode: str) -> Iterator[Piece | Result]:
+        """Stream the model's turn; mode is "send" (a new user message), "retry" or "tools" (after results)."""
+        g = self.gemma
+        thinking = self.enable_thinking if enable_thinking is None else enable_thinking
+        conversation = self.history
+        text = g.render(conversation, tools=self.tools, enable_thinking=thinking)
+        head = g.render(conversation, tools=self.tools, enable_thinking=thinking, add_generation_prompt=False)
+        # The generation prompt is where the next turn's rendering will part from this one: snapshot there.
+        tail = g.tokenizer.encode(text[len(head):]) if text.startswith(head) else []
+        media = Attachments()
+        for m in self._media:
+            media.extend(m)
+        before = len(self.messages)
+        try:
+            for item in g.stream_text(text, media, opts=g.options(**self.sampling), cache=self.cache,
+                                      max_context=self.max_context, prefill_chunk=self.prefill_chunk,
+                                      checkpoint_at=-len(tail) if tail else None, should_stop=should_stop):
+                if isinstance(item, Result):
+                    self._record(item, mode)
+                yield item
+        except BaseException as e:
+            self._forget_turn(before, mode)
+            if isinstance(e, KeyboardInterrupt):
+                # A hard interrupt can land halfway through writing the caches: start them afresh.
+                self.cache.reset()
+            raise
+
+    def _forget_turn(self, before: int, mode: str) -> None:
+        # A turn that failed or was stopped before its first token leaves the history as it was before it.
+        del self.messages[before:]
+        if mode == "tools":
+            self.messages[-1].pop("tool_responses", None)
+        elif mode == "send":
+            self.messages.pop()
+            self._media.pop()
+
+    def _record(self, result: Result, mode: str) -> None:
+        self.last = result
+        if result.finish_reason == "interrupted" and not result.tokens:
+            self._forget_turn(len(self.messages), mode)
+            return
+        continuing = mode == "tools"
+        content = result.content
+        mt = self.gemma.media_tokens
+        if mt is not None:  # a sampled media token would re-render as a placeholder with no media behind it
+            for token in (mt.image, mt.audio, mt.video, mt.boi, mt.eoi, mt.boa, mt.eoa):
+                content = content.replace(token, "")
+        message = {"role": "assistant", "content": content}
+        if result.tool_calls:
+            # The template writes a model turn as calls, responses, then content, and closes the turn after
+            # content; text before the calls would close the turn before the responses, so it is kept aside.
+            message = {"role": "assistant", "content": "", "tool_calls": [c.as_dict() for c in result.tool_calls]}
+            if content:
+                message["text_before_calls"] = content
+        if result.thinking:
+            message["reasoning_content"] = result.thinking
+        if continuing and not result.tool_calls:
+            self.messages[-1]["content"] = content  # the answer closes the same model turn
+            if result.thinking:
+                self.messages[-1]["reasoning_content"] = result.thinking
+        else:
+            self.messages.append(message)
+
+    # -- persistence ----------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the conversation (messages, system prompt, settings) as JSON; attachments are not stored."""
+        """Write the conversation (messages, system prompt, settings, attachment paths) as JSON."""
         data = {"system": self.system, "enable_thinking": self.enable_thinking, "tools": self.tools,
                 "messages": self.messages}
-        Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        try:
+            text = json.dumps(data, indent=2, ensure_ascii=False)
+        except TypeError as e:
+            raise InputError(f"this conversation cannot be saved as JSON ({e}); tools given as Python "
+                             f"functions cannot be saved, give their JSON schemas instead") from None
+        Path(path).write_text(text + "\n")
 
     @classmethod
     def load(cls, gemma: Gemma, path: str | Path, **kwargs) -> Chat:
-        """A session continuing a conversation saved with save (its text; attachments are not restored)."""
-        data = json.loads(Path(path).read_text())
-        chat = cls(gemma, system=data.get("system"), enable_thinking=data.get("enable_thinking", False),
-                   tools=data.get("tools"), **kwargs)
-        for m in data.get("messages", []):
-            if isinstance(m.get("content"), list):  # media parts cannot be replayed without their files
-                m = dict(m, content=" ".join(p.get("text", "") for p in m["content"] if p.get("type") == "text"))
-            chat.messages.append(m)
-            if m["role"] == "user":
+        """A session continuing a conversation written by save; attachments are read again from their paths."""
+        try:
+            data = json.loads(Path(path).read_text())
+            messages = list(data["messages"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{path} is not a saved conversation: {e}") from None
+        settings = {"system": data.get("system"), "enable_thinking": data.get("enable_thinking", False),
+                    "tools": data.get("tools")}
+        chat = cls(gemma, **{**settings, **kwargs})
+        for m in messages:
+            if m.get("role") == "user" and isinstance(m.get("content"), list):
+                m, media = chat._reattach(m)
+                chat._media.append(media)
+            elif m.get("role") == "user":
                 chat._media.append(Attachments())
+            chat.messages.append(m)
         return chat
 
-
-def _last(stream) -> Result:
-    result = None
-    for item in stream:
-        result = item
-    return result
+    def _reattach(self, message: dict) -> tuple[dict, Attachments]:
+        found = {"image": [], "audio": [], "video": []}
+        parts = []
+        for part in message["content"]:
+            kind, src = part.get("type"), part.get("path")
+            if kind in found:
+                if not src or not Path(src).is_file():
+                    warnings.warn(f"a saved {kind} ({src or 'given as data, not a path'}) cannot be attached "
+                                  f"again; the conversation goes on without it", stacklevel=3)
+                    continue
+                found[kind].append(src)
+            parts.append(part)
+        media = self.gemma.load_media(found["image"], found["audio"], found["video"])
+        return dict(message, content=parts), media

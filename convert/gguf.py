@@ -104,7 +104,7 @@ def gemma3_config(reader, tensors: dict) -> dict:
             "rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", 10000.0))}},
         "final_logit_softcapping": _field(reader, f"{a}.final_logit_softcapping", None),
         "attn_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh",
-        **_common(reader, tensors),
+        **_common(reader, tensors, ("<end_of_turn>",)),
     }
 
 
@@ -155,7 +155,7 @@ def gemma4_config(reader, tensors: dict) -> dict:
         "rope_parameters": {"full_attention": full_rope, "sliding_attention": {
             "rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", theta))}},
         "hidden_activation": "gelu_pytorch_tanh", "use_bidirectional_attention": "vision",
-        **_common(reader, tensors),
+        **_common(reader, tensors, ("<turn|>", "<|tool_response>")),
     }
     return {"architectures": ["Gemma4UnifiedForConditionalGeneration"], "model_type": "gemma4_unified",
             "text_config": text, **{k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
@@ -173,16 +173,16 @@ def _partial_rotary_factor(tensors: dict, head_dim: int) -> float:
     return 2 * rotated / head_dim
 
 
-def _common(reader, tensors: dict) -> dict:
+def _common(reader, tensors: dict, turn_ends: tuple[str, ...]) -> dict:
+    """Vocabulary size, tying and special ids; the chat turn-end tokens are end-of-sequence ids too."""
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id", 1))
     return {"vocab_size": int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else 0,
             "tie_word_embeddings": "output.weight" not in tensors,
             "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
-            "eos_token_id": [eos] + [i for i in _token_ids(reader, _TURN_ENDS) if i != eos],
+            "eos_token_id": [eos] + [i for i in _token_ids(reader, turn_ends) if i != eos],
             "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0))}
 
 
-_TURN_ENDS = ("<end_of_turn>", "<turn|>", "<|tool_response>")  # Gemma 3's, then Gemma 4's two extra EOS
 _NEVER_GENERATED = ("<image|>", "<audio|>")  # Gemma 4's synthetic end-of-media rows
 
 

@@ -182,10 +182,10 @@ class _Printer:
     With thinking_to_stderr (generate), thought text and notes go to standard error: stdout is the answer only.
     """
 
-    STYLE = {"thinking": dict(fg="cyan", dim=True), "tool_call": dict(fg="magenta"), "answer": {}}
+    STYLE = {"thinking": dict(fg="cyan", dim=True), "tool_call": dict(fg="magenta")}
 
     def __init__(self, thinking_to_stderr: bool = False):
-        self.kind = None
+        self.kind, self.started = None, False
         self.thinking_err = thinking_to_stderr
 
     def piece(self, piece) -> None:
@@ -195,8 +195,16 @@ class _Printer:
                 click.echo("\n" if self.thinking_err else "\n\n", nl=False, err=self.thinking_err)
             if piece.kind == "thinking":
                 click.secho("[thinking] ", fg="cyan", bold=True, nl=False, err=err)
-            self.kind = piece.kind
-        click.secho(piece, nl=False, err=err, **self.STYLE.get(piece.kind, {}))
+            self.kind, self.started = piece.kind, False
+        text = str(piece) if self.started else piece.lstrip()  # no blank start after a label or the prompt
+        if not text:
+            return
+        self.started = True
+        style = self.STYLE.get(piece.kind)
+        if style:
+            click.secho(text, nl=False, err=err, **style)
+        else:
+            click.echo(text, nl=False, err=err)
 
     def result(self, result) -> None:
         click.echo()

@@ -44,13 +44,15 @@ class SamplingOptions:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config=None) -> SamplingOptions:
-        """Defaults from the checkpoint's generation_config.json; EOS ids also from the model config."""
+        """The defaults transformers' generate would use for this checkpoint (its generation_config.json).
+
+        As there: sampling only when the file says do_sample (Gemma 4's does: temperature 1.0, top_k 64,
+        top_p 0.95), otherwise greedy; EOS ids from the file and the model config; suppress_tokens never emitted.
+        """
         eos = tuple(config.eos_token_ids) if config is not None and config.eos_token_ids else (1,)
         path = Path(model_dir) / "generation_config.json"
-        if not path.is_file():
-            return cls(eos_ids=eos)
         try:
-            g = json.loads(path.read_text())
+            g = json.loads(path.read_text()) if path.is_file() else {}
         except json.JSONDecodeError as e:
             raise WeightsError(f"{path} is not valid JSON: {e}") from None
         g_eos = g.get("eos_token_id", [])
@@ -58,9 +60,9 @@ class SamplingOptions:
         penalty = g.get("repetition_penalty")
         stop = g.get("stop_strings") or ()
         return cls(
-            # do_sample=false in a checkpoint means its authors want greedy decoding by default.
-            temperature=float(g.get("temperature", 1.0)) if g.get("do_sample", True) else 0.0,
-            top_k=int(g.get("top_k") or 0), top_p=float(g.get("top_p") or 1.0), min_p=float(g.get("min_p") or 0.0),
+            temperature=float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0,
+            top_k=int(g.get("top_k", 50) or 0), top_p=float(g.get("top_p", 1.0) or 1.0),
+            min_p=float(g.get("min_p") or 0.0),
             repetition_penalty=float(penalty) if penalty not in (None, 1.0) else None,
             eos_ids=tuple(dict.fromkeys(g_eos + eos)), suppress_ids=tuple(g.get("suppress_tokens") or ()),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),

@@ -137,17 +137,16 @@ def test_interrupting_leaves_the_cache_reusable(tiny):
 
 def test_seeded_sampling_is_reproducible_and_never_emits_suppressed_ids(tiny):
     _, g = tiny
-    opts = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7, max_tokens=80, eos_ids=(),
+    opts = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7, max_tokens=60, eos_ids=(),
                            suppress_ids=tuple(range(256, 512)))
     a, b = ours(g, [2, 105, 50], opts), ours(g, [2, 105, 50], opts)
-    assert a == b and len(set(a)) > 20
+    assert a == b and len(set(a)) > 15
     assert all(t < 256 for t in a)
     from dataclasses import replace
 
     assert ours(g, [2, 105, 50], replace(opts, seed=8)) != a
-    for extra in (dict(top_k=20, top_p=0.9, min_p=0.05), dict(repetition_penalty=1.5, presence_penalty=2.0)):
-        c = replace(opts, **extra)
-        assert ours(g, [2, 105, 50], c) == ours(g, [2, 105, 50], c) != a
+    filtered = replace(opts, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.5, presence_penalty=2.0)
+    assert ours(g, [2, 105, 50], filtered) == ours(g, [2, 105, 50], filtered) != a
 
 
 def test_gemma4_generation_defaults_come_from_generation_config(tmp_path):

@@ -254,11 +254,11 @@ def media_after(media: dict, token_types: np.ndarray, start: int) -> dict:
 def _make_step(model, opts: SamplingOptions):
     """(first, step): first samples from prompt logits; step runs one token through the model and samples."""
     utils = _sample_utils()
-    sampler = utils.make_sampler(opts.temperature, opts.top_p, opts.min_p, 1,
-                           opts.top_k if opts.top_k < model.config.text.vocab_size else 0)
+    top_k = opts.top_k if opts.top_k < model.config.text.vocab_size else 0  # mlx-lm refuses k >= vocab
+    sampler = utils.make_sampler(opts.temperature, opts.top_p, opts.min_p, 1, top_k)
     bias = {int(t): -float("inf") for t in opts.suppress_ids}
     processors = utils.make_logits_processors(bias or None, opts.repetition_penalty, PENALTY_CONTEXT,
-                                        opts.presence_penalty, PENALTY_CONTEXT)
+                                              opts.presence_penalty, PENALTY_CONTEXT)
     cfg = model.config
     placeholders = mx.array([t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id)
                              if t is not None] or [-1])
@@ -294,18 +294,19 @@ def stream_tokens(model, input_ids, *, opts: SamplingOptions, cache: PromptCache
 
     With a PromptCache, the longest prefix it holds is reused and only the rest is prefilled; checkpoint_at marks
     where the next prompt is expected to part from this one (a snapshot is kept there; negative counts from the
-    end). should_stop is polled
-    between prefill chunks and between tokens; when it says so, generation ends with finish_reason "interrupted".
+    end). should_stop is polled between prefill chunks and between tokens; when it says so, generation ends with
+    finish_reason "interrupted". A prompt that leaves no room in max_context is a ContextLengthError; one that
+    leaves less than max_tokens ends with finish_reason "context" when the room is used up.
     """
     opts.check()
     ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
+    if not len(ids):
+        raise InputError("the prompt is empty")
     limit = max_context or model.config.text.max_position_embeddings
     if len(ids) >= limit:
         raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context allowed is {limit} tokens, "
                                  f"which leaves no room for an answer; shorten the prompt (or the conversation) "
                                  f"or allow a longer context")
-    if not len(ids):
-        raise InputError("the prompt is empty")
     budget = min(opts.max_tokens, limit - len(ids))
     if checkpoint_at is not None and checkpoint_at < 0:
         checkpoint_at += len(ids)

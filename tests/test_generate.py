@@ -176,9 +176,11 @@ def test_stop_strings_are_never_streamed(tiny):
     def run(text, stop):
         s = _TextStream(g.tokenizer, stop, (106,))
         pieces = [p for t in enc(text) for p in s.add(t)] + s.finish()
+        assert not any("\ufffd" in p for p in pieces)  # never half a character
         return "".join(pieces), s.final_text(), s.stopped
 
     assert run("one STOP two", ("STOP",)) == ("one ", "one ", True)
+    assert run("café ☕ — STOP", ("STOP",)) == ("café ☕ — ",) * 2 + (True,)  # bytes of a character held together
     assert run("a ST and STO but not STOP", ("STOPPED",)) == ("a ST and STO but not STOP",) * 2 + (False,)
     assert run("x<turn|>", ()) == ("x", "x<turn|>", False)  # EOS text is kept in the raw text, never shown
     result = g.generate("hello", greedy=True, max_tokens=20)

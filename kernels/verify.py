@@ -354,6 +354,20 @@ def find_gxx() -> tuple[str | None, str]:
     return gxx, ""
 
 
+def find_tsan() -> tuple[bool, str]:
+    """Whether g++ can build and run a ThreadSanitizer program here (libtsan comes with Debian's g++)."""
+    gxx, reason = find_gxx()
+    if gxx is None:
+        return False, reason
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "t.cpp", Path(tmp) / "t"
+        src.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
+        proc = subprocess.run([gxx, "-fsanitize=thread", "-pthread", str(src), "-o", str(exe)], capture_output=True)
+        if proc.returncode or subprocess.run([str(exe)], capture_output=True).returncode:
+            return False, "g++ cannot build or run ThreadSanitizer programs here (libtsan missing?)"
+    return True, ""
+
+
 def cpu_translation_unit(spec: KernelSpec, input_dtypes, template, output_dtypes, symbol: str) -> str:
     """C++ for one instantiation: template values as constants, the body as a function of one threadgroup."""
     source = spec.source("cpu")
@@ -387,81 +401,147 @@ def cpu_translation_unit(spec: KernelSpec, input_dtypes, template, output_dtypes
     )
 
 
+_EXE_MAIN = r"""
+#include <cstdio>
+// Standalone runner (ThreadSanitizer cannot be loaded into an uninstrumented Python): reads
+// [n, tg, groups] then per buffer [bytes, n_strides, strides..., data], runs, writes every buffer back.
+int main(int argc, char** argv) {
+  if (argc != 3) return 3;
+  FILE* in = std::fopen(argv[1], "rb");
+  int64_t hdr[3];
+  if (!in || std::fread(hdr, 8, 3, in) != 3) return 4;
+  std::vector<std::vector<unsigned char>> bufs(hdr[0]);
+  std::vector<std::vector<int64_t>> strides(hdr[0]);
+  std::vector<void*> ptrs;
+  std::vector<const int64_t*> sptrs;
+  for (int64_t i = 0; i < hdr[0]; ++i) {
+    int64_t nb, ns;
+    if (std::fread(&nb, 8, 1, in) != 1 || std::fread(&ns, 8, 1, in) != 1) return 4;
+    strides[i].resize(ns > 0 ? ns : 1);
+    bufs[i].resize(nb > 0 ? nb : 1);
+    if (ns > 0 && std::fread(strides[i].data(), 8, ns, in) != size_t(ns)) return 4;
+    if (nb > 0 && std::fread(bufs[i].data(), 1, nb, in) != size_t(nb)) return 4;
+    ptrs.push_back(bufs[i].data());
+    sptrs.push_back(strides[i].data());
+  }
+  std::fclose(in);
+  int rc = kx_run(int(hdr[1]), int(hdr[2]), ptrs.data(), sptrs.data());
+  FILE* out = std::fopen(argv[2], "wb");
+  for (auto& b : bufs) std::fwrite(b.data(), 1, b.size(), out);
+  std::fclose(out);
+  return rc;
+}
+"""
+
+
 class CpuEmulator:
     """A launch callable that runs each launch through the CPU emulation (compiled once per instantiation).
 
     ``calls`` keeps, per launch, the element strides each input was passed with (so a test can see that a cache
     view was read in place) and how many K/V tiles were loaded (so it can see tiles outside the window skipped).
-    ``flags`` adds compiler flags.
+    ``tsan=True`` builds each instantiation as a standalone program under ThreadSanitizer and fails a launch on
+    any data race: a missing barrier between threadgroup-memory writes and reads is reported deterministically,
+    whatever the thread timing (inputs are then passed as contiguous copies).
     """
 
-    def __init__(self, flags: tuple[str, ...] = (), cache: Path = CACHE_DIR):
+    def __init__(self, tsan: bool = False, cache: Path = CACHE_DIR):
         gxx, reason = find_gxx()
         if gxx is None:
             raise ToolMissing(reason)
         self.gxx = gxx
-        self.flags = tuple(flags)
+        self.tsan = tsan
         self.cache = cache / "cpu"
         self.calls: list[dict] = []
-        self._libs: dict[str, ctypes.CDLL] = {}
+        self._libs: dict[str, object] = {}
 
-    def _library(self, spec, input_dtypes, template, output_dtypes):
-        key_src = cpu_translation_unit(spec, input_dtypes, template, output_dtypes, "kx_run")
-        digest = hashlib.sha256((key_src + " ".join(self.flags)).encode()).hexdigest()[:20]
+    def _build(self, spec, input_dtypes, template, output_dtypes):
+        src = cpu_translation_unit(spec, input_dtypes, template, output_dtypes, "kx_run")
+        if self.tsan:
+            src += _EXE_MAIN
+        flags = ["-fsanitize=thread", "-g", "-O1"] if self.tsan else ["-O2", "-shared", "-fPIC"]
+        digest = hashlib.sha256((src + " ".join(flags)).encode()).hexdigest()[:20]
         if digest in self._libs:
             return self._libs[digest]
-        so = self.cache / f"{spec.name}_{digest}.so"
-        if not so.is_file():
+        target = self.cache / f"{spec.name}_{digest}{'.tsan' if self.tsan else '.so'}"
+        if not target.is_file():
             self.cache.mkdir(parents=True, exist_ok=True)
-            cpp = so.with_suffix(".cpp")
-            cpp.write_text(key_src)
-            tmp = so.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [self.gxx, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", *self.flags, str(cpp), "-o", str(tmp)]
+            cpp = target.with_suffix(".cpp")
+            cpp.write_text(src)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            cmd = [self.gxx, "-std=c++20", "-pthread", *flags, str(cpp), "-o", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"g++ failed for {spec.name}:\n{proc.stderr[-4000:]}")
-            tmp.replace(so)
-        lib = ctypes.CDLL(str(so))
-        lib.kx_run.restype = ctypes.c_int
-        lib.kx_tiles_loaded_last.restype = ctypes.c_long
-        self._libs[digest] = lib
-        return lib
+            tmp.replace(target)
+        if self.tsan:
+            built = target
+        else:
+            built = ctypes.CDLL(str(target))
+            built.kx_run.restype = ctypes.c_int
+            built.kx_tiles_loaded_last.restype = ctypes.c_long
+        self._libs[digest] = built
+        return built
+
+    def _run_tsan(self, exe, arrays, strides, tg, groups, name, n_inputs):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+            with open(src, "wb") as f:
+                f.write(np.array([len(arrays), tg, groups], dtype=np.int64).tobytes())
+                for a, st in zip(arrays, strides):
+                    f.write(np.array([a.nbytes, len(st)], dtype=np.int64).tobytes() + st.tobytes() + a.tobytes())
+            env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0")
+            proc = subprocess.run([str(exe), str(src), str(dst)], capture_output=True, text=True, env=env)
+            if proc.returncode or "ThreadSanitizer" in proc.stderr:
+                raise RuntimeError(f"{name} under ThreadSanitizer (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+            data, off = dst.read_bytes(), 0
+            for i, a in enumerate(arrays):
+                if i >= n_inputs:  # outputs only; the inputs may be MLX's own read-only memory
+                    a.reshape(-1).view(np.uint8)[:] = np.frombuffer(data[off:off + a.nbytes], dtype=np.uint8)
+                off += max(a.nbytes, 1)
+        return 0
 
     def __call__(self, spec, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
         for x in inputs:
             if x.dtype not in _CPU_TYPE:
                 raise TypeError(f"CPU emulation has no type for {x.dtype}")
         mx.eval(*inputs)
-        lib = self._library(spec, [x.dtype for x in inputs], template, output_dtypes)
-        keep, ptrs, strides = [], [], []
+        built = self._build(spec, [x.dtype for x in inputs], template, output_dtypes)
+        keep, arrays, strides = [], [], []
         record = {}
         for arg, x in zip(spec.inputs, inputs):
             as_mx, as_np = _NP_VIEW[x.dtype]
             a = np.asarray(memoryview(x.view(as_mx) if x.dtype != as_mx else x)).view(as_np)
             if a.ndim == 0:
                 a = a.reshape(1)
+            if self.tsan:
+                a = np.ascontiguousarray(a)
             st = np.array([s // a.itemsize for s in a.strides] or [1], dtype=np.int64)
-            keep += [x, a, st]
-            ptrs.append(a.ctypes.data)
-            strides.append(st.ctypes.data)
+            keep.append(x)
+            arrays.append(a)
+            strides.append(st)
             record[arg] = tuple(int(s) for s in st)
         outs = []
         for shape, dt in zip(output_shapes, output_dtypes):
             _, as_np = _NP_VIEW[dt]
             o = np.full(shape, 0xFFFF if as_np == np.uint16 else np.nan, dtype=as_np)  # poison: unwritten = NaN
             outs.append(o)
-            ptrs.append(o.ctypes.data)
-            strides.append(0)
+            arrays.append(o)
+            strides.append(np.zeros(0, dtype=np.int64))
         tg = threadgroup[0]
         groups = grid[0] // tg
         if grid[0] % tg or grid[1:] != (1, 1) or threadgroup[1:] != (1, 1):
             raise ValueError("the emulation runs 1-D grids made of whole threadgroups")
-        rc = lib.kx_run(tg, groups, (ctypes.c_void_p * len(ptrs))(*ptrs),
-                        (ctypes.c_void_p * len(strides))(*strides))
+        if self.tsan:
+            rc, tiles = self._run_tsan(built, arrays, strides, tg, groups, spec.name, len(inputs)), None
+        else:
+            ptrs = (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays))
+            sptrs = (ctypes.c_void_p * len(strides))(*(s.ctypes.data if s.size else None for s in strides))
+            rc = built.kx_run(tg, groups, ptrs, sptrs)
+            tiles = int(built.kx_tiles_loaded_last())
         if rc:
             raise RuntimeError(f"{spec.name}: emulation error {rc} (1: threadgroup memory over 32 KB)")
         self.calls.append({"kernel": spec.name, "strides": record, "template": dict(template),
-                           "groups": groups, "threads": tg, "tiles_loaded": int(lib.kx_tiles_loaded_last())})
+                           "groups": groups, "threads": tg, "tiles_loaded": tiles})
         result = []
         for o, dt in zip(outs, output_dtypes):
             arr = mx.array(o)

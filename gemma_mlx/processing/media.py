@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -10,27 +9,37 @@ from ..errors import MediaError
 
 
 def describe(src) -> str:
-    """A short name for a media source, for error messages."""
+    """A short name for a media source, for error messages: the path, or the kind and size of the object."""
     if isinstance(src, (str, os.PathLike)):
         return str(src)
-    if isinstance(src, (bytes, bytearray)):
+    if isinstance(src, (bytes, bytearray, memoryview)):
         return f"<{len(src)} bytes>"
+    name = getattr(src, "name", None)  # open file objects know their path
+    if isinstance(name, str):
+        return name
     return f"<{type(src).__name__}>"
 
 
-def open_binary(src):
-    """A readable binary file object for a path, bytes or file object; MediaError if it is missing or empty."""
+def read_bytes(src) -> bytes:
+    """The whole content of a path, bytes or binary file object; MediaError if it is missing, a directory or empty."""
     if isinstance(src, (str, os.PathLike)):
         path = Path(src).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise MediaError(f"{path}: no such file")
-        if path.stat().st_size == 0:
-            raise MediaError(f"{path}: file is empty")
-        return open(path, "rb")
-    if isinstance(src, (bytes, bytearray)):
-        if not src:
-            raise MediaError("media bytes are empty")
-        return io.BytesIO(src)
-    if hasattr(src, "read"):
-        return src
-    raise MediaError(f"cannot read media from a {type(src).__name__}; pass a path, bytes or a file object")
+        if not path.is_file():
+            raise MediaError(f"{path}: not a regular file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise MediaError(f"{path}: cannot read ({e.strerror or e})") from None
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif hasattr(src, "read"):
+        data = src.read()
+        if isinstance(data, str):
+            raise MediaError(f"{describe(src)}: opened in text mode; open media files with 'rb'")
+    else:
+        raise MediaError(f"cannot read media from a {type(src).__name__}; pass a path, bytes or a binary file object")
+    if not data:
+        raise MediaError(f"{describe(src)}: file is empty")
+    return data

@@ -1,10 +1,11 @@
 """Convert time and peak memory: gemma-mlx vs mlx_lm.convert vs mlx_vlm.convert on the same checkpoint.
 
-A synthetic bf16 gemma4_unified checkpoint with the real 12B widths (hidden 3840, MLP 15360, vocab 262144,
-head dims 256/512) and few layers is written first (the default, 2 layers, is ~3.6 GB), then each converter
-makes a 4-bit group-64 model from it in a fresh process whose peak RSS is read from the kernel.
+A synthetic bf16 gemma4_unified checkpoint with the real 12B shapes (hidden 3840, MLP 15360, vocab 262144,
+head dims 256/512; 48 layers by default: 23.9 GB in ~4 GB shards, like the hub release) is written first, then
+each converter makes a uniform 4-bit group-64 model from it in a fresh process whose peak RSS is read from the
+kernel. Work files go to --work (default: the system temp directory).
 
-    python bench/bench_convert.py [--layers 2] [--out bench/results]
+    python bench/bench_convert.py [--layers 48] [--work DIR] [--out bench/results]
 
 Writes bench_convert.json and bench_convert.md. mlx-lm / mlx-vlm come from the `bench` extra.
 """
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from gemma_mlx.tiny import gemma4_config, write_random_checkpoint
+from gemma_mlx.config import parse_config
+from gemma_mlx.convert.hf import expected_shapes
+from gemma_mlx.convert.writer import published_config
+from gemma_mlx.tiny import gemma4_config
 
 REAL_IDS = dict(boi_token_id=255999, eoi_token_id=258882, image_token_id=258880, video_token_id=258884,
                 boa_token_id=256000, eoa_token_index=258883, audio_token_id=258881)
@@ -49,23 +53,51 @@ print("RESULT", p.returncode, time.perf_counter() - t, resource.getrusage(resour
 
 
 def synthetic_checkpoint(path: Path, layers: int) -> Path:
+    """Random bf16 weights with the real 12B shapes, in ~4 GB shards with an index, as the hub release is laid
+    out; written a tensor at a time (the full 48 layers are 24 GB). config.json in the published spelling
+    (global_head_dim, hidden_size_per_layer_input 0), which every converter reads."""
     types = (["sliding_attention"] * 5 + ["full_attention"]) * (layers // 6) + ["sliding_attention"] * (layers % 6)
     types[-1] = "full_attention"
     cfg = gemma4_config(vocab_size=262144, hidden_size=3840, intermediate_size=15360, num_hidden_layers=layers,
                         num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
                         sliding_window=1024, layer_types=types, mm_embed_dim=3840, mm_posemb_size=1120,
                         token_ids=REAL_IDS, dtype="bfloat16")
-    out = write_random_checkpoint(path, cfg, dtype=mx.bfloat16, seed=0)
+    cfg = published_config(cfg)
+    path.mkdir(parents=True)
+    count, current, size = 0, {}, 0
+    for name, shape in expected_shapes(parse_config(cfg)).items():
+        if "norm" in name or name.endswith(("layer_scalar", "_ln1.weight", "_ln2.weight")):
+            value = 1.0 + 0.1 * mx.random.normal(shape)
+        else:
+            value = 0.02 * mx.random.normal(shape)
+        current[name] = value.astype(mx.bfloat16)
+        mx.eval(current[name])
+        size += current[name].nbytes
+        if size > 4e9:
+            count += 1
+            mx.save_safetensors(str(path / f"part-{count}.safetensors"), current, metadata={"format": "pt"})
+            current, size = {}, 0
+    count += 1
+    mx.save_safetensors(str(path / f"part-{count}.safetensors"), current, metadata={"format": "pt"})
+    del current
+    weight_map = {}
+    for i in range(count):
+        final = path / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        (path / f"part-{i + 1}.safetensors").rename(final)
+        weight_map.update({k: final.name for k in mx.load(str(final))})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, 106, 50]}))
     # Peers load a tokenizer and template with the weights.
     from importlib.resources import files
 
     from gemma_mlx.tiny import MEDIA_TOKEN_STRINGS
     from gemma_mlx.tokenizer import write_byte_tokenizer
 
-    write_byte_tokenizer(out, {MEDIA_TOKEN_STRINGS[k]: v for k, v in cfg.items() if k in MEDIA_TOKEN_STRINGS},
+    write_byte_tokenizer(path, {MEDIA_TOKEN_STRINGS[k]: v for k, v in cfg.items() if k in MEDIA_TOKEN_STRINGS},
                          cfg["text_config"]["vocab_size"])
-    (out / "chat_template.jinja").write_text(files("gemma_mlx").joinpath("assets/chat_template.jinja").read_text())
-    return out
+    (path / "chat_template.jinja").write_text(files("gemma_mlx").joinpath("assets/chat_template.jinja").read_text())
+    return path
 
 
 def run(name: str, cmd: list[str]) -> dict:
@@ -83,11 +115,12 @@ def run(name: str, cmd: list[str]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--shard-size", type=int, default=512 * 2**20, help="our shard size (bytes)")
+    ap.add_argument("--shard-size", type=int, default=5 * 2**30, help="our shard size (bytes)")
+    ap.add_argument("--work", default=None, help="directory for the checkpoint and outputs")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         t = time.perf_counter()
         src = synthetic_checkpoint(work / "src", args.layers)
@@ -96,7 +129,7 @@ def main():
         exe = str(Path(sys.executable).parent / "gemma-mlx")
         runs = [
             ("gemma-mlx convert", [exe, "convert", str(src), "-o", str(work / "ours"), "-q", "4",
-                                   "--recipe", "uniform", "--shard-size", str(args.shard_size)]),
+                                   "--recipe", "uniform", "--shard-size", str(args.shard_size), "--quiet"]),
             ("mlx_lm.convert", [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src),
                                 "--mlx-path", str(work / "mlx_lm"), "-q", "--q-bits", "4", "--q-group-size", "64"]),
             ("mlx_vlm.convert", [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src),

@@ -1,25 +1,42 @@
 """GGUF (llama.cpp) Gemma 3 and Gemma 4 text checkpoints -> MLX.
 
-What llama.cpp's converter changes, undone here:
-- Gemma 3 RMSNorm weights are stored as 1 + w (llama.cpp's RMSNorm multiplies by the weight; Gemma 3's by
-  1 + w); Gemma 4's are stored as is (its RMSNorm multiplies by w).
-- Names (``blk.N.attn_q`` ...) come from gguf's own TensorNameMap, the table llama.cpp converts with; GGUF
-  lists dimensions innermost first. Gemma's rotary embedding is the NeoX (half-split) kind, so q/k are not
-  permuted; the embedding scale √hidden is applied at run time, not baked in.
+The layouts below were checked against llama.cpp's own source (conversion/gemma.py: Gemma3Model, Gemma4Model;
+conversion/base.py: TextModel.set_gguf_parameters; src/models/gemma4.cpp: load_arch_hparams, load_arch_tensors
+and the graph; gguf-py constants/tensor_mapping), not guessed. What llama.cpp's converter changes, undone here:
+- Gemma 3 RMSNorm weights are stored as 1 + w (Gemma3Model.norm_shift = 1: llama.cpp's RMSNorm multiplies by the
+  weight, Gemma 3's by 1 + w); Gemma 4's are stored as is (Gemma4Model.norm_shift = 0).
+- Names (``blk.N.attn_q`` ...) come from gguf's own TensorNameMap, the table llama.cpp converts with
+  (``layer_scalar`` -> ``blk.N.layer_output_scale``, shape [1]); GGUF lists dimensions innermost first. Gemma's
+  rotary embedding is the NeoX (half-split) kind, so q/k are not permuted (only LlamaModel permutes); the embedding
+  scale sqrt(hidden) is applied at run time (gemma4.cpp scales token rows only), not baked in. A tied embedding is
+  written once, as token_embd (no output.weight); rows past the tokenizer's vocabulary are cut
+  (Gemma3Model.modify_tensors), so the vocabulary size is token_embd's row count.
 - Hyper-parameters llama.cpp keeps implicit. Gemma 3: 5 sliding layers to 1 full unless a pattern is stored,
-  local RoPE base 10 000, query_pre_attn_scalar = head_dim (hidden / heads for the 62-layer 27B). Gemma 4: the
-  full layers' proportional RoPE is stored as a ``rope_freqs`` tensor (1 for rotated pairs, 1e30 for the
-  rest), key_length is the full layers' head dim and key_length_swa the sliding layers', head counts may be
-  per-layer arrays, and attention_k_eq_v shows as full layers without ``attn_v``.
-- The tokenizer comes from the GGUF vocabulary (transformers' GGUF tokenizer builder); the text model only: a
-  Gemma 4 GGUF holds no vision/audio front end (llama.cpp keeps it in a separate mmproj file).
+  local RoPE base 10 000, query_pre_attn_scalar = head_dim (hidden / heads for the 62-layer 27B). Gemma 4
+  (Gemma4Model.set_gguf_parameters): key_length is the full layers' head dim (global_head_dim) and key_length_swa
+  the sliding layers'; head_count is a scalar, head_count_kv a per-layer array when the config has
+  num_global_key_value_heads; sliding_window_pattern lists every layer (true = sliding); freq_base is the full
+  layers' RoPE base and freq_base_swa the sliding layers' (a missing freq_base_swa means freq_base, as in
+  llama.cpp); rope.dimension_count is the whole full head dim because the proportional RoPE is stored as the
+  ``rope_freqs`` tensor (global_head_dim / 2 factors: 1 for rotated pairs, 1e30 for the rest; generate_extra_tensors);
+  feed_forward_length becomes a per-layer array only with use_double_wide_mlp. attention_k_eq_v leaves no
+  ``attn_v`` on full layers (gemma4.cpp: V = K when attn_v is absent); v_norm has no weight, so no tensor.
+- The tokenizer comes from the GGUF vocabulary (Gemma4Model.set_vocab: tokenizer.ggml.model "gemma4", the
+  tokenizer.json vocabulary with its merges, scores -1000; built with transformers' GGUF tokenizer builder).
+  Suppressed ids come from tokenizer.ggml.suppress_tokens when the file has it (llama.cpp masks them in the
+  gemma4 graph), else from Gemma 4's synthetic end-of-media rows. The text model only: llama.cpp writes the
+  gemma4_unified vision/audio front end to a separate mmproj file (clip.vision.projector_type gemma4uv,
+  clip.audio.projector_type gemma4ua), which is refused here with a message saying so.
 
 Quantized blocks: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (32 weights, an fp16 scale and offset) and Q4_K, Q5_K (groups
 of 32 inside 256-weight super-blocks, scale and offset = fp16 super-scale x 6-bit sub-scale) are all MLX affine
 groups of 32 (w = scale·q + bias), so they are repacked exactly: with float32 scales bit for bit, with the
 default float16 scales to within 2^-11 of each K-quant scale (Q4_0 ... Q8_0 stay exact). Q2_K, Q3_K and Q6_K use
 groups of 16, which MLX cannot hold, and the IQ/TQ types are non-linear; they are dequantized and re-quantized at
-two bits more than they had (group 32, at most 8 bits), which keeps their own error dominant.
+two bits more than they had (group 32, at most 8 bits), which keeps their own error dominant. llama-quantize keeps
+1-D tensors (norms, layer_output_scale, rope_freqs) in F32 and gives the tied token_embd (which is also the
+output) a higher type than the rest (Q6_K in a Q4_0 file unless --pure); F32/F16/BF16 tensors follow --bits and
+the recipe.
 """
 
 from __future__ import annotations
@@ -176,10 +193,12 @@ def _partial_rotary_factor(tensors: dict, head_dim: int) -> float:
 def _common(reader, tensors: dict, turn_ends: tuple[str, ...]) -> dict:
     """Vocabulary size, tying and special ids; the chat turn-end tokens are end-of-sequence ids too."""
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id", 1))
+    extra = [int(_field(reader, f"tokenizer.ggml.{k}_token_id", -1)) for k in ("eot", "eom")]
+    ends = [i for i in extra if i >= 0] + _token_ids(reader, turn_ends)
     return {"vocab_size": int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else 0,
             "tie_word_embeddings": "output.weight" not in tensors,
             "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
-            "eos_token_id": [eos] + [i for i in _token_ids(reader, turn_ends) if i != eos],
+            "eos_token_id": [eos] + [i for i in dict.fromkeys(ends) if i != eos],
             "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0))}
 
 
@@ -399,7 +418,11 @@ def write_tokenizer(reader, source: Path, out: Path, arch: str, raw: dict) -> st
         note = "The GGUF carried no chat template; the Gemma 4 template bundled with gemma-mlx was added."
     gen = {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"],
            "pad_token_id": raw["pad_token_id"]}
-    suppress = _token_ids(reader, _NEVER_GENERATED) if arch == "gemma4" else []
+    stored = _field(reader, "tokenizer.ggml.suppress_tokens", None)
+    if stored is not None:
+        suppress = [int(i) for i in (stored if isinstance(stored, list) else [stored])]
+    else:
+        suppress = _token_ids(reader, _NEVER_GENERATED) if arch == "gemma4" else []
     if suppress:
         gen["suppress_tokens"] = suppress
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -423,6 +446,12 @@ def convert_gguf(source: Path, out: Path, *, bits: int | None, group_size: int, 
     except Exception as e:  # gguf raises ValueError/struct errors/IndexError for damaged or truncated files
         raise ConvertError(f"{source}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     arch = _field(reader, "general.architecture", None)
+    if arch == "clip":
+        kinds = [_field(reader, k, None) for k in ("clip.vision.projector_type", "clip.audio.projector_type",
+                                                    "clip.projector_type")]
+        kinds = ", ".join(k for k in kinds if k) or "unknown"
+        raise ConvertError(f"{source}: this is a llama.cpp mmproj file (projector {kinds}), not a text model; "
+                           "convert the text GGUF (for the vision/audio front end, convert the safetensors release)")
     if arch not in ARCHITECTURES:
         raise ConvertError(f"{source}: GGUF architecture {arch!r} is not supported (supported: "
                            f"{', '.join(ARCHITECTURES)})")
@@ -433,6 +462,10 @@ def convert_gguf(source: Path, out: Path, *, bits: int | None, group_size: int, 
     except ConfigError as e:
         raise ConvertError(f"{source}: GGUF metadata does not describe a usable model: {e}") from None
     chosen = _check_tensors(reader, arch, config, source)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) != raw["vocab_size"]:
+        raise ConvertError(f"{source.name}: the GGUF vocabulary has {len(tokens.data)} tokens but token_embd "
+                           f"has {raw['vocab_size']} rows (llama.cpp needs them equal)")
     # GGUF scales are fp16: float16 keeps Q4_0 ... Q8_0 exact (bfloat16 would round them).
     target = parse_dtype(dtype or "float16")
     quantized_ok = bits is not None

@@ -51,6 +51,49 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{HF_TO_GGUF['.'.join(parts[3:-1])]}.weight"
 
 
+# Merged pieces Gemma4Model.set_vocab would list (with tokenizer.json's merges); ids 300 ... 302.
+MERGED = {300: ("\u2581", "a"), 301: ("a", "b"), 302: ("\u2581a", "b")}
+# conversion/gemma.py Gemma4Model.set_vocab: these are written USER_DEFINED so the chat parser sees them.
+VISIBLE = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>")
+
+
+def add_gemma4_vocab(w, vocab: int, suppress=None) -> None:
+    """The vocabulary as conversion/gemma.py Gemma4Model.set_vocab writes it: gguf.LlamaHfVocab over
+    tokenizer.json (every score -1000, <0x..> BYTE, specials CONTROL, the visible chat tokens USER_DEFINED),
+    tokenizer model "gemma4", the merges (SpecialVocab(load_merges=True)), special ids and chat template
+    (SpecialVocab.add_to_gguf), add_space_prefix false, add_bos_token true."""
+    tokens = []
+    for i in range(vocab):
+        if i in SPECIALS:
+            tokens.append(SPECIALS[i])
+        elif i in MERGED:
+            tokens.append("".join(MERGED[i]))
+        elif 4 <= i < 260:
+            tokens.append(f"<0x{i - 4:02X}>")
+        elif i == 260:
+            tokens.append("\u2581")
+        elif 261 <= i < 287:
+            tokens.append(chr(ord("a") + i - 261))
+        else:
+            tokens.append(f"tok{i}")
+    types = [4 if t in VISIBLE else 3 if i in SPECIALS else 6 if t.startswith("<0x") else 1
+             for i, t in enumerate(tokens)]
+    w.add_tokenizer_model("gemma4")
+    w.add_token_list(tokens)
+    w.add_token_scores([-1000.0] * vocab)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join(pair) for pair in MERGED.values()])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.add_add_space_prefix(False)
+    if suppress is not None:  # llama.cpp's tokenizer.ggml.suppress_tokens (masked in the gemma4 graph)
+        w.add_array("tokenizer.ggml.suppress_tokens", suppress)
+
+
 def add_vocab(w, vocab: int, tokenizer_model: str) -> None:
     tokens = [SPECIALS.get(i, f"<0x{i - 4:02X}>" if 4 <= i < 260 and i not in SPECIALS else f"tok{i}")
               for i in range(vocab)]
@@ -118,8 +161,15 @@ def write_gemma3_gguf(path: Path, hf, qtypes=lambda name, v: None, raw=None) -> 
 
 
 def write_gemma4_gguf(path: Path, hf, qtypes=lambda name, v: None, *, drop=(), extra=None, meta=None) -> Path:
-    """A GGUF as llama.cpp's Gemma4Model writes the text part of gemma4_unified: norms as they are, head dims
-    and KV heads per layer type, the sliding pattern as booleans, partial RoPE as a rope_freqs tensor."""
+    """A GGUF as llama.cpp writes the text part of gemma4_unified (general.architecture "gemma4"):
+    conversion/base.py TextModel.set_gguf_parameters (context/embedding/FFN length, scalar head_count, RoPE bases
+    of the full and the sliding layers, RMS eps), then conversion/gemma.py Gemma3Model.set_gguf_parameters
+    (final softcap only when set, sliding window) and Gemma4Model.set_gguf_parameters (shared_kv_layers,
+    embedding_length_per_layer_input, the sliding pattern as booleans, key/value_length = global_head_dim and
+    the _swa ones = head_dim, head_count_kv per layer, rope dimension_count = global_head_dim and
+    dimension_count_swa = head_dim), Gemma4Model.generate_extra_tensors (rope_freqs: global_head_dim / 2 factors,
+    1 for the rotated pairs and 1e30 for the rest) and modify_tensors (norms as they are, norm_shift 0;
+    layer_scalar -> blk.N.layer_output_scale; the tied embedding once, as token_embd)."""
     from hf_tiny import TEXT as t  # the per-layer values (transformers folds them into per_layer_config)
 
     t = type("Text", (), {**t, **{k: getattr(hf.config.text_config, k) for k in (
@@ -128,29 +178,31 @@ def write_gemma4_gguf(path: Path, hf, qtypes=lambda name, v: None, *, drop=(), e
     g_dim = t.global_head_dim
     meta = {"ple": 0, "pattern": [x == "sliding_attention" for x in types], **(meta or {})}
     w = gguf.GGUFWriter(str(path), "gemma4")
+    w.add_block_count(t.num_hidden_layers)
     w.add_context_length(t.max_position_embeddings)
     w.add_embedding_length(t.hidden_size)
-    w.add_block_count(t.num_hidden_layers)
     w.add_feed_forward_length(meta.get("ff", t.intermediate_size))
     w.add_head_count(t.num_attention_heads)
-    w.add_head_count_kv([t.num_key_value_heads if s else t.num_global_key_value_heads for s in meta["pattern"]])
+    w.add_rope_freq_base(t.rope_parameters["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(t.rope_parameters["sliding_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(t.rms_norm_eps)
+    if "experts" in meta:
+        w.add_expert_count(meta["experts"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if t.final_logit_softcapping:
+        w.add_final_logit_softcapping(t.final_logit_softcapping)
+    w.add_sliding_window(t.sliding_window)
+    w.add_shared_kv_layers(0)
+    w.add_embedding_length_per_layer_input(meta["ple"])
+    w.add_sliding_window_pattern(meta["pattern"])
     w.add_key_length(g_dim)
     w.add_value_length(g_dim)
     w.add_key_length_swa(t.head_dim)
     w.add_value_length_swa(t.head_dim)
-    w.add_layer_norm_rms_eps(t.rms_norm_eps)
-    w.add_rope_freq_base(t.rope_parameters["full_attention"]["rope_theta"])
-    w.add_rope_freq_base_swa(t.rope_parameters["sliding_attention"]["rope_theta"])
+    w.add_head_count_kv([t.num_key_value_heads if s else t.num_global_key_value_heads for s in meta["pattern"]])
     w.add_rope_dimension_count(g_dim)
     w.add_rope_dimension_count_swa(t.head_dim)
-    w.add_final_logit_softcapping(t.final_logit_softcapping)
-    w.add_sliding_window(t.sliding_window)
-    w.add_sliding_window_pattern(meta["pattern"])
-    w.add_shared_kv_layers(0)
-    w.add_embedding_length_per_layer_input(meta["ple"])
-    if "experts" in meta:
-        w.add_expert_count(meta["experts"])
-    add_vocab(w, t.vocab_size, "gemma4")
+    add_gemma4_vocab(w, meta.get("vocab", t.vocab_size), meta.get("suppress"))
     rotated = int(g_dim * t.rope_parameters["full_attention"]["partial_rotary_factor"] / 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (g_dim // 2 - rotated), np.float32))
     state = {k: v.float().numpy() for k, v in hf.state_dict().items() if k.startswith("model.language_model.")}
@@ -212,6 +264,42 @@ def test_float_gemma4_gguf_gives_the_reference_text_logits(gemma4_gguf, tmp_path
     assert text["rope_parameters"]["full_attention"]["partial_rotary_factor"] == 0.25
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [1, 106, 50] and gen["suppress_tokens"] == [501, 505]
+    from gemma_mlx.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tmp_path / "out")  # built from the tokens and merges Gemma4Model.set_vocab writes
+    assert tok.encode("<bos>", add_special_tokens=False) == [2]
+    assert tok.encode("ab", add_special_tokens=False) == [301]  # the merge "a b" applied
+
+
+def test_qat_q4_0_layout(gemma4_gguf, tmp_path):
+    """Google's QAT build is Q4_0; llama-quantize gives the tied token_embd (also the output) a higher type and
+    keeps 1-D tensors in F32. Here token_embd is F16: it follows the recipe (6 bits under mixed_4_6), every Q4_0
+    matrix is repacked bit-exactly, and tokenizer.ggml.suppress_tokens, when present, is what gets suppressed."""
+    hf, _ = gemma4_gguf
+    src = write_gemma4_gguf(tmp_path / "qat.gguf", hf, lambda name, v: T.F16 if name == "token_embd.weight" else
+                            T.Q4_0, meta={"suppress": [501]})
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(src)).tensors}
+    assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.layer_output_scale.weight"] == "F32"
+    convert(src, tmp_path / "out", dtype="float32", progress=False)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    q = cfg["quantization"]
+    assert (q["bits"], q["group_size"]) == (4, 32)
+    assert q["language_model.model.embed_tokens"]["bits"] == 6
+    weights = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        weights.update(mx.load(str(f)))
+    reader = gguf.GGUFReader(str(src))
+    for t in reader.tensors:
+        if t.tensor_type.name != "Q4_0":
+            continue
+        key = next(k for k in hf.state_dict() if k.startswith("model.language_model.") and gguf_name(k) == t.name)
+        module = "language_model.model." + key[len("model.language_model."):-len(".weight")]
+        rows, cols = (int(x) for x in reversed(t.shape))
+        got = mx.dequantize(weights[f"{module}.weight"], weights[f"{module}.scales"], weights[f"{module}.biases"],
+                            32, 4)
+        assert np.array_equal(np.array(got), dequantize(np.array(t.data), T.Q4_0).reshape(rows, cols)), t.name
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == [501]
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_1])
@@ -361,6 +449,15 @@ def test_bad_gguf_files(gemma4_gguf, tmp_path):
     _bad(write_gemma4_gguf(tmp_path / "i8.gguf", hf, extra={"blk.0.attn_q.weight": np.zeros((64, 64), np.int8)},
                            drop={"blk.0.attn_q.weight"}), "uses I8, which cannot be dequantized", tmp_path)
     _bad(_without(good, tmp_path / "norope.gguf", "rope_freqs.weight"), "lacks rope_freqs.weight", tmp_path)
+    _bad(write_gemma4_gguf(tmp_path / "voc.gguf", hf, meta={"vocab": 510}),
+         "vocabulary has 510 tokens but token_embd has 512 rows", tmp_path)
+    # tools/mtmd: a gemma4_unified mmproj file (clip.vision/audio.projector_type gemma4uv / gemma4ua)
+    w = gguf.GGUFWriter(str(tmp_path / "mmproj.gguf"), "clip")
+    w.add_string("clip.vision.projector_type", "gemma4uv")
+    w.add_string("clip.audio.projector_type", "gemma4ua")
+    w.add_tensor("mm.input_projection.weight", np.zeros((4, 4), np.float32))
+    finish(w)
+    _bad(tmp_path / "mmproj.gguf", r"mmproj file \(projector gemma4uv, gemma4ua\), not a text model", tmp_path)
     _bad(_without_key(good, tmp_path / "nokey.gguf", "gemma4.attention.sliding_window"),
          "lacks gemma4.attention.sliding_window", tmp_path)
 

@@ -12,6 +12,7 @@ import pytest
 
 from gemma_mlx.kernels import sources, verify
 from gemma_mlx.kernels.launch import attention_kernel
+from kernel_tools import needs_tool, skip_for_tool
 
 CASES = {
     # name: (q shape, kv shape, dtype, L-offset, window, blocks)
@@ -67,7 +68,7 @@ def planted(monkeypatch):
 # ---------------------------------------------------------------------------------------------- Metal (MSL)
 
 libclang, no_libclang = verify.find_libclang()
-needs_libclang = pytest.mark.skipif(libclang is None, reason=no_libclang)
+needs_libclang = needs_tool(libclang is None, no_libclang)
 
 
 def test_metal_sources_are_what_mlx_generates():
@@ -110,7 +111,7 @@ def test_metal_parse_rejects_address_space_mix(planted):
 # ---------------------------------------------------------------------------------------------- CUDA (NVRTC)
 
 nvrtc_lib, _, no_nvrtc = verify.find_nvrtc()
-needs_nvrtc = pytest.mark.skipif(nvrtc_lib is None, reason=no_nvrtc)
+needs_nvrtc = needs_tool(nvrtc_lib is None, no_nvrtc)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def mlx_headers():
     try:
         return verify.mlx_cuda_headers()
     except verify.ToolMissing as err:
-        pytest.skip(str(err))
+        skip_for_tool(str(err))
 
 
 @needs_nvrtc

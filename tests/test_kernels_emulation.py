@@ -15,9 +15,10 @@ import pytest
 from gemma_mlx.cache import FullCache, RingCache
 from gemma_mlx.kernels import launch, reference, verify
 from gemma_mlx.kernels.launch import attention_kernel
+from kernel_tools import needs_tool
 
 gxx, why = verify.find_gxx()
-pytestmark = pytest.mark.skipif(gxx is None, reason=why)
+pytestmark = needs_tool(gxx is None, why)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def _tsan_case(launcher):
 
 
 tsan, no_tsan = verify.find_tsan() if gxx else (False, why)
-needs_tsan = pytest.mark.skipif(not tsan, reason=no_tsan)
+needs_tsan = needs_tool(not tsan, no_tsan)
 
 
 @needs_tsan

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import AudioConfig, VisionConfig
+from ..kernels import ops
 
 # torch.nn.LayerNorm's default; the vision LayerNorms do not use the config's RMSNorm eps.
 LAYER_NORM_EPS = 1e-5
@@ -33,8 +34,13 @@ class VisionEmbedder(nn.Module):
         self.pos_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
-        dtype = linear_dtype(self.patch_dense)
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.astype(dtype))))
+        dense = self.patch_dense
+        if isinstance(dense, nn.QuantizedLinear):
+            # Only the "all" recipe quantizes the front end; its product is MLX's quantized matmul.
+            h = self.patch_ln2(dense(self.patch_ln1(patches.astype(linear_dtype(dense)))))
+        else:
+            h = ops.patch_embed(patches, self.patch_ln1.weight, self.patch_ln1.bias, dense.weight, dense.bias,
+                                self.patch_ln2.weight, self.patch_ln2.bias, eps=LAYER_NORM_EPS)
         # Factorized position embedding: column x looks up table[:, 0], row y table[:, 1]; -1 means none.
         valid = (positions >= 0).astype(h.dtype)[..., None]
         clamped = mx.maximum(positions, 0)

@@ -162,3 +162,45 @@ def attention_kernel(q, k, v, *, scale, q_pos, k_pos, window, q_block, k_block, 
         output_dtypes=[q.dtype],
     )
     return out
+
+
+# (Hq, Hkv, L, S, D, window, blocks): Gemma 4's decode shapes at both head dims, and a windowed prefill with a
+# vision block, small enough to compile and run in well under a second on a GPU.
+SELF_CHECK_CASES = (
+    (16, 1, 1, 300, 512, None, False),
+    (16, 8, 1, 40, 256, 16, False),
+    (4, 2, 33, 100, 64, 16, True),
+)
+
+
+def self_check(launch, dtypes=(mx.float32, mx.bfloat16)) -> str | None:
+    """None when the kernels behind ``launch`` agree with the reference path on SELF_CHECK_CASES, else why not.
+
+    The Metal and CUDA bodies are verified here only by emulation and compile checks; this is the check on the
+    machine itself, run once before the first kernel call. A compile error, a launch error or a wrong result all
+    come back as a reason, so the caller can fall back to the reference path instead of failing or misleading.
+    """
+    from . import reference
+
+    key = mx.random.key(0)
+    for dtype in dtypes:
+        for Hq, Hkv, L, S, D, window, blocks in SELF_CHECK_CASES:
+            kq, kk, kv, key = mx.random.split(key, 4)
+            q = mx.random.normal((1, Hq, L, D), key=kq).astype(dtype)
+            k = mx.random.normal((1, Hkv, S, D), key=kk).astype(dtype)
+            v = mx.random.normal((1, Hkv, S, D), key=kv).astype(dtype)
+            args = dict(scale=D ** -0.5, q_pos=mx.arange(S - L, S), k_pos=mx.arange(S), window=window,
+                        q_block=mx.full((L,), 1) if blocks else None, block_overrides_window=False,
+                        k_block=mx.where(mx.arange(S) >= S - 5, 1, 0) if blocks else None)
+            case = f"{dtype} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} window={window}"
+            try:
+                got = attention_kernel(q, k, v, **args, launch=launch).astype(mx.float32)
+                mx.eval(got)
+            except Exception as err:  # compile or launch failure on this machine
+                return f"{case}: {type(err).__name__}: {str(err)[:300]}"
+            want = reference.attention(q, k, v, **args, dense_limit=1 << 24, key_block=4096).astype(mx.float32)
+            tol = 1e-4 if dtype == mx.float32 else 2e-2
+            err = mx.max(mx.abs(got - want)).item()
+            if not err <= tol:  # also catches NaN
+                return f"{case}: max |kernel - reference| = {err:.3g} > {tol}"
+    return None

@@ -2,21 +2,25 @@
 
 The backend is chosen once, at import (launch.select_backend): the Metal kernels where Metal is available, their
 CUDA twins (the same shared bodies) where MLX has CUDA, and the pure-MLX reference path (reference.py) everywhere
-else or when ``GEMMA_MLX_KERNELS=reference``. Shapes the kernels do not cover (head dims that are not a multiple
-of 32, other dtypes) take the reference path on any backend.
+else or when ``GEMMA_MLX_KERNELS=reference``. Before their first use the live kernels must pass launch.self_check
+(small decode and prefill cases at both head dims against the reference); if they fail to compile, launch or
+agree, a RuntimeWarning names the case and the process continues on the reference path. Shapes the kernels do
+not cover (head dims that are not a multiple of 32, other dtypes) take the reference path on any backend.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import mlx.core as mx
 
 from . import reference
-from .launch import Launcher, attention_kernel, kernel_supports, select_backend
+from .launch import Launcher, attention_kernel, kernel_supports, select_backend, self_check
 
 BACKEND = select_backend()
 _LAUNCH = Launcher(BACKEND) if BACKEND != "reference" else None
+_CHECKED = False  # the live kernels pass launch.self_check before their first use, or BACKEND falls back
 
 # Reference path: above this many score entries (query heads × queries × keys), or more than KEY_BLOCK keys,
 # attention runs blockwise. Read at call time, so tests can shrink them.
@@ -50,7 +54,7 @@ def attention(
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be None or >= 1, got {window}")
-    if _LAUNCH is not None and kernel_supports(q, k, v):
+    if _LAUNCH is not None and kernel_supports(q, k, v) and _kernels_pass_self_check():
         return attention_kernel(
             q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
             block_overrides_window=block_overrides_window, launch=_LAUNCH,
@@ -59,6 +63,20 @@ def attention(
         q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
         block_overrides_window=block_overrides_window, dense_limit=DENSE_LIMIT, key_block=KEY_BLOCK,
     )
+
+
+def _kernels_pass_self_check() -> bool:
+    """Runs launch.self_check once; a failure falls back to the reference path for the rest of the process."""
+    global BACKEND, _LAUNCH, _CHECKED
+    if not _CHECKED:
+        _CHECKED = True
+        problem = self_check(_LAUNCH)
+        if problem is not None:
+            warnings.warn(f"gemma-mlx: the {BACKEND} attention kernels failed their self-check ({problem}); "
+                          f"using the reference path (set GEMMA_MLX_KERNELS=reference to skip the check)",
+                          RuntimeWarning, stacklevel=3)
+            BACKEND, _LAUNCH = "reference", None
+    return _LAUNCH is not None
 
 
 def patch_embed(

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma_mlx.kernels import ops, reference
+from gemma_mlx.kernels import launch, ops, reference
 
 pytestmark = pytest.mark.skipif(
     ops.BACKEND == "reference",
@@ -27,6 +27,7 @@ def compare(q, k, v, q_pos, k_pos, window=None, q_block=None, k_block=None, over
     args = dict(scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
                 block_overrides_window=override)
     got = ops.attention(q, k, v, **args)
+    assert ops._LAUNCH is not None, "the kernels failed their self-check: ops fell back to the reference path"
     want = reference.attention(q, k, v, **args, dense_limit=ops.DENSE_LIMIT, key_block=ops.KEY_BLOCK)
     g = np.array(got.astype(mx.float32), np.float64)
     w = np.array(want.astype(mx.float32), np.float64)
@@ -36,6 +37,11 @@ def compare(q, k, v, q_pos, k_pos, window=None, q_block=None, k_block=None, over
     else:
         ulp = 2.0 ** (-7 if q.dtype == mx.bfloat16 else -10)
         assert np.all(np.abs(g - w) <= 2 * ulp * np.abs(w) + 1e-4), np.abs(g - w).max()
+
+
+def test_self_check_passes_on_this_machine():
+    """What ops runs before the first kernel call: compiles and launches both kernels at both head dims."""
+    assert launch.self_check(ops._LAUNCH or launch.Launcher(ops.BACKEND)) is None
 
 
 @pytest.mark.parametrize("S", [4096, 32768, 131072])

@@ -191,6 +191,45 @@ def test_rows_that_see_nothing_are_zero_not_nan(emu):
     assert np.all(np.array(out2)[:, :, 2] == 0) and np.all(np.array(out2)[:, :, 0] != 0)
 
 
+def test_self_check_passes_on_correct_kernels(emu):
+    """The on-machine check a Mac or GPU runs before the first kernel call accepts the (emulated) shared bodies."""
+    assert launch.self_check(emu) is None
+
+
+def _plant_wrong_scale(monkeypatch):
+    from gemma_mlx.kernels import sources
+
+    text = sources.read("attn_tile.body")
+    assert text.count("const float scale = fp[0];") == 1
+    planted = text.replace("const float scale = fp[0];", "const float scale = 1.01f * fp[0];")
+    real = sources.read
+    monkeypatch.setattr(sources, "read", lambda name: planted if name == "attn_tile.body" else real(name))
+
+
+def test_self_check_rejects_wrong_kernels(emu, monkeypatch):
+    _plant_wrong_scale(monkeypatch)
+    problem = launch.self_check(emu)
+    assert problem is not None and "max |kernel - reference|" in problem and "D=512" in problem
+
+
+def test_ops_fall_back_to_the_reference_when_the_self_check_fails(emu, monkeypatch):
+    """A kernel that fails its self-check on the user's machine costs a warning and speed, never a wrong answer."""
+    from gemma_mlx.kernels import ops
+
+    _plant_wrong_scale(monkeypatch)
+    monkeypatch.setattr(ops, "BACKEND", "emulated")
+    monkeypatch.setattr(ops, "_LAUNCH", emu)
+    monkeypatch.setattr(ops, "_CHECKED", False)
+    rng = np.random.default_rng(3)
+    q, k = _rand(rng, (1, 4, 1, 64), mx.float32), _rand(rng, (1, 2, 9, 64), mx.float32)
+    args = dict(scale=0.125, q_pos=mx.array([8]), k_pos=mx.arange(9), window=4)
+    with pytest.warns(RuntimeWarning, match="failed their self-check"):
+        got = ops.attention(q, k, k, **args)
+    assert ops.BACKEND == "reference" and ops._LAUNCH is None and ops._CHECKED
+    want = reference.attention(q, k, k, **args, dense_limit=1 << 24, key_block=4096)
+    assert mx.array_equal(got, want).item()
+
+
 def test_launch_plans_fit_the_hardware():
     """Every plan the dispatcher can make: whole threadgroups, rows mapped onto warps, tiles within 32 KB."""
     for D in (64, 128, 256, 512):

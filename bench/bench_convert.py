@@ -52,15 +52,33 @@ print("RESULT", p.returncode, time.perf_counter() - t, resource.getrusage(resour
 """
 
 
-def synthetic_checkpoint(path: Path, layers: int) -> Path:
+def snapped(shape, bits: int) -> mx.array:
+    """Random bf16 weights w = s·(q - 2^(bits-1)), q uniform in [0, 2^bits), per group of 64 a power-of-two-ish
+    scale s and both end levels present: MLX's affine quantize then picks exactly this grid (its zero-exact edge
+    rule included), so quantizing to `bits` at group 64 is lossless. Std ~0.018, like 0.02·N(0, 1)."""
+    levels = 2**bits
+    q = mx.random.randint(0, levels, (shape[0] * shape[1] // 64, 64), dtype=mx.uint8)
+    q[:, 0] = 0
+    q[:, 1] = levels - 1
+    s = mx.array([0.75, 1.0, 1.5], dtype=mx.bfloat16)[mx.random.randint(0, 3, (q.shape[0], 1))] * (2.0**-8 * 16 / levels)
+    return ((q.astype(mx.bfloat16) - levels // 2) * s).reshape(shape)
+
+
+def synthetic_checkpoint(path: Path, layers: int, hidden_size: int = 3840, intermediate_size: int = 15360,
+                         snap_bits: int | None = None) -> Path:
     """Random bf16 weights with the real 12B shapes, in ~4 GB shards with an index, as the hub release is laid
     out; written a tensor at a time (the full 48 layers are 24 GB). config.json in the published spelling
-    (global_head_dim, hidden_size_per_layer_input 0), which every converter reads."""
+    (global_head_dim, hidden_size_per_layer_input 0), which every converter reads. hidden_size /
+    intermediate_size narrow the model (the attention head shapes, vocabulary and layer pattern stay real).
+    snap_bits draws every matrix whose rows split into groups of 64 on a snap_bits-bit grid that MLX's affine
+    quantize (group 64) reproduces exactly (see snapped), so the 4-bit runtimes compute the bf16 model itself
+    and can be checked against a float reference."""
     types = (["sliding_attention"] * 5 + ["full_attention"]) * (layers // 6) + ["sliding_attention"] * (layers % 6)
     types[-1] = "full_attention"
-    cfg = gemma4_config(vocab_size=262144, hidden_size=3840, intermediate_size=15360, num_hidden_layers=layers,
+    cfg = gemma4_config(vocab_size=262144, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=layers,
                         num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-                        sliding_window=1024, layer_types=types, mm_embed_dim=3840, mm_posemb_size=1120,
+                        sliding_window=1024, layer_types=types, mm_embed_dim=hidden_size, mm_posemb_size=1120,
                         token_ids=REAL_IDS, dtype="bfloat16")
     cfg = published_config(cfg)
     path.mkdir(parents=True)
@@ -70,6 +88,8 @@ def synthetic_checkpoint(path: Path, layers: int) -> Path:
             value = 1.0 + 0.1 * mx.random.normal(shape)
         else:
             value = 0.02 * mx.random.normal(shape)
+            if snap_bits and len(shape) == 2 and shape[-1] % 64 == 0:
+                value = snapped(shape, snap_bits)
         current[name] = value.astype(mx.bfloat16)
         mx.eval(current[name])
         size += current[name].nbytes

@@ -9,8 +9,8 @@
     logits = gemma(input_ids, pixel_values=..., image_position_ids=...)   # the raw forward
 """
 
-from .api import Gemma, Piece, Result, generate, load, stream_generate
-from .chat import Chat
+from importlib import import_module
+
 from .errors import (
     ConfigError,
     ContextLengthError,
@@ -21,6 +21,24 @@ from .errors import (
     TemplateError,
     WeightsError,
 )
+
+# Imported on first use: `import gemma_mlx.<anything>` (the CLI's entry point first of all) stays light and starts
+# no thread before the entry point has set up Ctrl-C handling (see __main__.py).
+_LAZY = {"Gemma": "api", "Piece": "api", "Result": "api", "generate": "api", "load": "api",
+         "stream_generate": "api", "Chat": "chat"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Chat", "ConfigError", "ContextLengthError", "ConvertError", "Gemma", "GemmaMLXError", "InputError",

@@ -509,15 +509,3 @@ def _builtin_demo(tokens, seed):
 
 
 _register_optional_commands()
-
-
-def main() -> None:
-    """The console entry point: on Linux, first re-execute with a fast BLAS preloaded when one is installed."""
-    from .platform import reexec_with_fast_blas
-
-    reexec_with_fast_blas()
-    cli()
-
-
-if __name__ == "__main__":
-    main()

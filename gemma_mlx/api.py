@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, TemplateError
-from .generate import GenerationStats, PromptCache, SamplingOptions, stream_tokens
+from .generation import GenerationStats, PromptCache, SamplingOptions, stream_tokens
 from .model import masks
 from .prefill import DEFAULT_PREFILL_CHUNK
 from .processing.audio import load_audio

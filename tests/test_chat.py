@@ -13,7 +13,7 @@ from gemma_mlx import api
 from gemma_mlx.cache import make_cache
 from gemma_mlx.chat import Chat
 from gemma_mlx.errors import ContextLengthError, InputError
-from gemma_mlx.generate import PromptCache
+from gemma_mlx.generation import PromptCache
 from gemma_mlx.tiny import write_demo_model
 
 GREEDY = dict(greedy=True, max_tokens=24)

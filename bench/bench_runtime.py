@@ -418,7 +418,7 @@ def main():
                 v["runtimes"][rt] = r = run_worker(spec, work, timeout=1800)
                 print(f"[{vname}] {rt}: {json.dumps(r)[:600]}", flush=True)
             if args.memory_probe:
-                spec = {"runtime": "gemma-mlx", "prompt_ids": prompt_ids[:16],  # 16 rows: the dense path's threshold "decode_steps": 1, "depths": [],
+                spec = {"runtime": "gemma-mlx", "prompt_ids": prompt_ids[:16], "decode_steps": 1, "depths": [],  # 16 rows: the dense threshold
                         "chunk_depths": [], "chunk": 0, "media": {}, "model": conv["gemma-mlx convert"]["path"],
                         "logits_out": str(work / "logits_probe.npy")}
                 probe = {}

@@ -51,6 +51,7 @@ VARIANTS = {
     "narrow6": dict(layers=6, hidden_size=1024, intermediate_size=4096),
 }
 MLX_RUNTIMES = ("gemma-mlx", "mlx-lm", "mlx-vlm")
+COLORS = {"gemma-mlx": "tab:blue", "mlx-lm": "tab:orange", "mlx-vlm": "tab:green", "transformers": "tab:red"}
 CONVERTER_OF = {"gemma-mlx": "gemma-mlx convert", "mlx-vlm": "mlx_vlm.convert", "mlx-lm": "mlx_lm.convert"}
 
 
@@ -286,7 +287,7 @@ def chart(report: dict, out: Path):
                 if rt == "transformers" and key == "prefill_tps":
                     pts = [(d, r[f"prefill_{d}_tps"]) for d in v.get("hf_depths", []) if f"prefill_{d}_tps" in r]
                 if pts:
-                    ax.plot(*zip(*sorted(pts)), marker="o", label=rt + (" (real prefill, float32)"
+                    ax.plot(*zip(*sorted(pts)), marker="o", color=COLORS.get(rt), label=rt + (" (real prefill, float32)"
                                                                      if rt == "transformers" else ""))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -418,7 +419,8 @@ def main():
                 v["runtimes"][rt] = r = run_worker(spec, work, timeout=1800)
                 print(f"[{vname}] {rt}: {json.dumps(r)[:600]}", flush=True)
             if args.memory_probe:
-                spec = {"runtime": "gemma-mlx", "prompt_ids": prompt_ids[:16], "decode_steps": 1, "depths": [],  # 16 rows: the dense threshold
+                # 16 prompt rows: the dense path's threshold (gemma_mlx.model.linear.DENSE_MIN_ROWS).
+                spec = {"runtime": "gemma-mlx", "prompt_ids": prompt_ids[:16], "decode_steps": 1, "depths": [],
                         "chunk_depths": [], "chunk": 0, "media": {}, "model": conv["gemma-mlx convert"]["path"],
                         "logits_out": str(work / "logits_probe.npy")}
                 probe = {}

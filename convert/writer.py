@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import struct
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from gemma_mlx.config import GEMMA3_TEXT, load_config
 from gemma_mlx.errors import ConfigError, ConvertError, WeightsError
+from gemma_mlx.interrupts import held_off
 from gemma_mlx.weights import apply_quantization, canonical_weights, read_safetensors_header
 
 from .quantize import QuantSpec, output_name, quant_spec
@@ -471,10 +471,7 @@ def _check_replaceable(out: Path, protect: list[Path]) -> None:
 
 def _commit(tmp: Path, out: Path) -> None:
     """Rename tmp to out (moving an existing out aside first), with Ctrl-C held off between the renames."""
-    blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with held_off():
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
             os.rename(out, old)
@@ -487,9 +484,6 @@ def _commit(tmp: Path, out: Path) -> None:
         else:
             os.rename(tmp, out)
         _fsync_dir(out.parent)
-    finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _fsync_dir(path: Path) -> None:

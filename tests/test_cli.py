@@ -85,7 +85,7 @@ def test_help_teaches_and_starts_fast(env):
                             "('transformers', 'torch', 'mlx_lm') if m in sys.modules))"],
                            capture_output=True, text=True, env=env)
     assert probe.stdout.strip() == "[]", probe.stderr
-    # The entry point's import starts no thread: SIGINT is blocked before any other thread exists (__main__.py).
+    # The entry point's import starts no thread: SIGINT is blocked before any other thread exists (interrupts.py).
     # And `gemma_mlx.generate` stays the API function whatever was imported first.
     probe = subprocess.run([sys.executable, "-c", "import os, gemma_mlx.__main__; print(len(os.listdir("
                             "'/proc/self/task')) if os.path.isdir('/proc/self/task') else 1); import "
@@ -202,7 +202,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, env, tmp_path
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]  # what was said stays
     # Ctrl-C at the prompt clears the line, every time: SIGINT is blocked in every thread and routed to the main
-    # one (gemma_mlx/__main__.py); a SIGINT taken by one of MLX's threads used to leave readline waiting.
+    # one (gemma_mlx/interrupts.py); a SIGINT taken by one of MLX's threads used to leave readline waiting.
     if Path(f"/proc/{term.pid}/task").is_dir():
         tasks = list(Path(f"/proc/{term.pid}/task").iterdir())
         assert len(tasks) > 2  # MLX's, BLAS's and the watcher's threads exist by now

@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--shard-size", type=int, default=5 * 2**30, help="our shard size (bytes)")
     ap.add_argument("--work", default=None, help="directory for the checkpoint and outputs")
     args = ap.parse_args()
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         t = time.perf_counter()

@@ -457,16 +457,57 @@ def recover(out: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+MARKER = ".gemma-mlx-convert.json"  # written into every output: the files a later --force may replace
+MARKER_FORMAT = "gemma-mlx convert output"
+
+
+def write_marker(tmp: Path) -> None:
+    """Record in tmp every file the conversion wrote, so that --force later knows what it may delete."""
+    files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
+    (tmp / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "version": 1, "files": files}, indent=1))
+
+
+def _marker_files(out: Path) -> set[str] | None:
+    """The files out's marker lists, or None if out has no readable marker (it was not written by convert)."""
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = marker.get("files") if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files) | {MARKER}
+
+
 def _check_replaceable(out: Path, protect: list[Path]) -> None:
-    if out.is_file() or out.is_symlink():
+    """Refuse (ConvertError naming out) unless out is empty or exactly a directory this converter wrote.
+
+    Replacing deletes out, so only what convert itself produced qualifies: its marker must be there and every
+    entry of out must be a plain file the marker lists. A project directory, a Hugging Face checkpoint or a
+    converted model someone added files to is never deleted, --force or not.
+    """
+    if out.is_symlink() or not out.is_dir():
         raise ConvertError(f"{out} exists and is not a directory; refusing to replace it")
     for p in protect:
         p = p.resolve()
         if p == out.resolve() or out.resolve() in p.parents:
             raise ConvertError(f"{out} holds the source {p}; refusing to replace it (choose another -o)")
-    if any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ConvertError(f"{out} exists and does not look like a model directory (no config.json); "
-                           "refusing to replace it even with --force")
+    try:
+        entries = list(out.iterdir())
+    except OSError as e:
+        raise ConvertError(f"{out} cannot be read ({e.strerror}); refusing to replace it") from None
+    if not entries:
+        return
+    listed = _marker_files(out)
+    if listed is None:
+        raise ConvertError(f"{out} exists and is not a model gemma-mlx convert wrote (no {MARKER}); refusing to "
+                           "replace it, even with --force (choose another -o)")
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in entries
+                     if e.name not in listed or e.is_symlink() or not e.is_file())
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ConvertError(f"{out} holds files gemma-mlx convert did not write ({', '.join(foreign[:3])}{more}); "
+                           "refusing to replace it, even with --force (move them away or choose another -o)")
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -505,13 +546,14 @@ def atomic_output(out: Path, force: bool, fill: Callable[[Path], dict], start: f
     out = Path(out).expanduser().absolute()
     recover(out)
     if out.exists() or out.is_symlink():
+        _check_replaceable(out, list(protect))
         if not force:
             raise ConvertError(f"{out} already exists; pass --force to replace it")
-        _check_replaceable(out, list(protect))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         written = fill(tmp)
+        write_marker(tmp)
         verify_output(tmp, written)
         _fsync_dir(tmp)
         _commit(tmp, out)

@@ -272,7 +272,7 @@ def test_force_never_replaces_what_is_not_a_model(tiny_gemma4, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "thesis.txt").write_text("mine")
-    with pytest.raises(ConvertError, match="does not look like a model directory"):
+    with pytest.raises(ConvertError, match="is not a model gemma-mlx convert wrote"):
         convert(src, docs, force=True, progress=False)
     assert (docs / "thesis.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")

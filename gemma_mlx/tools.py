@@ -6,6 +6,9 @@ null as ``None``), objects and lists nest, whitespace between items is allowed. 
 (``mcp:server:tool``, ``a.b-c``).
 
 Parsing never drops or half-parses: a call that does not parse comes back as a ToolCallError holding its raw text.
+It takes one pass over the text (a call's text cannot hold another ``<|tool_call>``), nesting deeper than
+MAX_NESTING levels is an error, and numbers Python cannot hold exactly (ints of more digits than ``int()`` reads,
+floats beyond the double range) are kept as their exact text.
 By default the parser is lenient about slips models make (single- or double-quoted strings, quoted keys,
 ``key=value``, Python's True/False, trailing commas) and lists each repair on the call; ``strict=True`` rejects them.
 """
@@ -13,7 +16,9 @@ By default the parser is lenient about slips models make (single- or double-quot
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +38,12 @@ _SINGLE_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'", re.S)
 _WORDS = {"true": True, "false": False, "null": None, "None": None}
 _LENIENT_WORDS = {"True": True, "False": False}
 _JSON = json.JSONDecoder()
+_SPACE = re.compile(r"\s*")
+# Deeper arguments than any real tool takes; the bound keeps parsing iterative-safe (no RecursionError).
+MAX_NESTING = 64
+_NOT_CLOSED = "tool call is not closed with <tool_call|>"
+_ANSWER_END = re.compile("|".join(map(re.escape, ANSWER_END)))
+_EVENTS = re.compile("|".join(map(re.escape, (CALL_OPEN, THOUGHT_OPEN, THOUGHT_CLOSE, *ANSWER_END))))
 
 
 @dataclass
@@ -73,9 +84,12 @@ class _SyntaxError(ValueError):
 
 
 class _Parser:
-    def __init__(self, text: str, pos: int, strict: bool):
-        self.text, self.i, self.strict = text, pos, strict
+    # Parses one call's text: the window from after <|tool_call> up to the next <|tool_call> (a call never holds
+    # another opener), so parsing every call of a text costs one pass over it.
+    def __init__(self, text: str, strict: bool):
+        self.text, self.i, self.strict = text, 0, strict
         self.repairs: list[str] = []
+        self.depth = 0
 
     def fail(self, what: str):
         raise _SyntaxError(f"{what} at {self.text[self.i:self.i + 24]!r}")
@@ -90,8 +104,7 @@ class _Parser:
         return self.text.startswith(token, self.i)
 
     def skip_ws(self):
-        while self.i < len(self.text) and self.text[self.i].isspace():
-            self.i += 1
+        self.i = _SPACE.match(self.text, self.i).end()
 
     def call(self) -> tuple[str, dict]:
         self.skip_ws()
@@ -136,7 +149,7 @@ class _Parser:
         if self.at("{"):
             return self.obj()
         if self.at("["):
-            return self.items("[", "]", lambda out: out.append(self.value()), [])
+            return self.nested("[", "]", lambda out: out.append(self.value()), [])
         for words, lenient in ((_WORDS, False), (_LENIENT_WORDS, True)):
             for word, val in words.items():
                 if self.at(word) and not (self.text[self.i + len(word):self.i + len(word) + 1].isalnum()):
@@ -147,8 +160,7 @@ class _Parser:
         m = _NUMBER.match(self.text, self.i)
         if m:
             self.i = m.end()
-            s = m.group()
-            return float(s) if any(c in s for c in ".eE") else int(s)
+            return _number(m.group())
         self.fail("expected a value")
 
     def key(self) -> str:
@@ -177,7 +189,16 @@ class _Parser:
         out[key] = self.value()
 
     def obj(self) -> dict:
-        return self.items("{", "}", self.member, {})
+        return self.nested("{", "}", self.member, {})
+
+    def nested(self, open_: str, close: str, read, out):
+        # Depth is bounded so that hostile nesting is a reported error, not a RecursionError.
+        if self.depth >= MAX_NESTING:
+            self.fail(f"arguments nested deeper than {MAX_NESTING} levels")
+        self.depth += 1
+        out = self.items(open_, close, read, out)
+        self.depth -= 1
+        return out
 
     def items(self, open_: str, close: str, read, out):
         self.i += len(open_)
@@ -202,27 +223,42 @@ class _Parser:
                 self.fail(f"expected ',' or {close!r}")
 
 
+def _number(s: str) -> int | float | str:
+    # A number Python cannot hold exactly as int/float (more digits than int() reads and str() writes, or a float
+    # beyond the double range) is kept as its exact digits rather than raised on or turned into inf.
+    if not any(c in s for c in ".eE"):
+        limit = sys.get_int_max_str_digits()
+        return int(s) if not limit or len(s.lstrip("-")) <= limit else s
+    value = float(s)
+    return value if math.isfinite(value) else s
+
+
+def _read_call(text: str, start: int, stop: int, strict: bool) -> tuple[ToolCall | ToolCallError, int]:
+    """The call opened at start (its window ends at stop, the next opener or the end) and where it ends."""
+    body = start + len(CALL_OPEN)
+    close = text.find(CALL_CLOSE, body, stop)
+    if close < 0:  # not closed: nothing to parse, the raw text runs up to the next call or the end
+        return ToolCallError(raw=text[start:stop], reason=_NOT_CLOSED), stop
+    p = _Parser(text[body:stop], strict)
+    try:
+        name, args = p.call()
+        p.skip_ws()
+        if not p.at(CALL_CLOSE):
+            p.fail("unexpected text after the arguments")
+        end = body + p.i + len(CALL_CLOSE)
+        return ToolCall(name, args, raw=text[start:end], repairs=p.repairs), end
+    except _SyntaxError as e:  # the bad call spans up to its first closing tag
+        end = close + len(CALL_CLOSE)
+        return ToolCallError(raw=text[start:end], reason=str(e)), end
+
+
 def _scan(text: str, strict: bool) -> tuple[list[ToolCall | ToolCallError], str]:
     items, rest, pos = [], [], 0
     while (start := text.find(CALL_OPEN, pos)) >= 0:
         rest.append(text[pos:start])
-        body = start + len(CALL_OPEN)
-        close, reopen = text.find(CALL_CLOSE, body), text.find(CALL_OPEN, body)
-        closed = close >= 0 and not 0 <= reopen < close
-        p = _Parser(text, body, strict)
-        try:
-            name, args = p.call()
-            p.skip_ws()
-            if not p.at(CALL_CLOSE):
-                p.fail("unexpected text after the arguments" if closed else "tool call is not closed with <tool_call|>")
-            end = p.i + len(CALL_CLOSE)
-            items.append(ToolCall(name, args, raw=text[start:end], repairs=p.repairs))
-        except _SyntaxError as e:
-            # The bad call spans up to its closing tag, or up to the next call (or the end) when it has none.
-            end = close + len(CALL_CLOSE) if closed else (reopen if reopen >= 0 else len(text))
-            reason = str(e) if closed else "tool call is not closed with <tool_call|>"
-            items.append(ToolCallError(raw=text[start:end], reason=reason))
-        pos = end
+        stop = text.find(CALL_OPEN, start + len(CALL_OPEN))
+        item, pos = _read_call(text, start, stop if stop >= 0 else len(text), strict)
+        items.append(item)
     rest.append(text[pos:])
     return items, "".join(rest)
 
@@ -237,25 +273,45 @@ def split_response(text: str, *, strict: bool = False) -> ParsedResponse:
 
     Follows Gemma 4's response schema: an optional ``<|channel>thought\\n…<channel|>``, tool calls, and the answer
     up to ``<turn|>``, ``<|tool_response>`` or ``<eos>``. A thought that never closes (the turn was cut short) is
-    all thinking; a ``<channel|>`` with no opener closes a thought the prompt opened.
+    all thinking; a ``<channel|>`` with no opener closes a thought the prompt opened. Tool calls are read first
+    wherever they are (in the answer or in a thought), so markers inside a call's strings are its text, and every
+    call is returned or reported.
     """
-    ends = [i for i in (text.find(e) for e in ANSWER_END) if i >= 0]
-    body = text[:min(ends)] if ends else text
-    thoughts, answer, pos = [], [], 0
-    first_close, first_open = body.find(THOUGHT_CLOSE), body.find(THOUGHT_OPEN)
-    if first_close >= 0 and (first_open < 0 or first_close < first_open):
-        thoughts.append(body[:first_close])
-        pos = first_close + len(THOUGHT_CLOSE)
-    while (start := body.find(THOUGHT_OPEN, pos)) >= 0:
-        answer.append(body[pos:start])
-        close = body.find(THOUGHT_CLOSE, start)
-        inner = body[start + len(THOUGHT_OPEN): close if close >= 0 else len(body)]
-        thoughts.append(inner.removeprefix("thought").removeprefix("\n"))
-        pos = close + len(THOUGHT_CLOSE) if close >= 0 else len(body)
-    answer.append(body[pos:])
-    items, content = _scan("".join(answer), strict)
+    thoughts: list[str] = []
+    answer: list[str] = []
+    thought: list[str] | None = None  # the open thought's pieces
+    items: list[ToolCall | ToolCallError] = []
+    pos = 0
+    while m := _EVENTS.search(text, pos):
+        (answer if thought is None else thought).append(text[pos:m.start()])
+        event, pos = m.group(), m.end()
+        if event == CALL_OPEN:
+            next_open = text.find(CALL_OPEN, pos)
+            item, end = _read_call(text, m.start(), next_open if next_open >= 0 else len(text), strict)
+            if isinstance(item, ToolCallError):  # a call that does not parse ends where the answer does
+                cut = _ANSWER_END.search(text, m.start(), end)
+                if cut:
+                    item, end = ToolCallError(raw=text[m.start():cut.start()], reason=_NOT_CLOSED), cut.start()
+            items.append(item)
+            pos = end
+        elif event == THOUGHT_OPEN and thought is None:
+            thought = []
+        elif event == THOUGHT_CLOSE and thought is not None:
+            thoughts.append("".join(thought).removeprefix("thought").removeprefix("\n"))
+            thought = None
+        elif event == THOUGHT_CLOSE and not thoughts:  # (no opener came before)
+            thoughts.append("".join(answer))  # the prompt opened this thought
+            answer = []
+        elif event in ANSWER_END:
+            pos = len(text)
+            break
+        else:  # a nested opener, or a closer with nothing open: text
+            (answer if thought is None else thought).append(event)
+    (answer if thought is None else thought).append(text[pos:])
+    if thought is not None:
+        thoughts.append("".join(thought).removeprefix("thought").removeprefix("\n"))
     return ParsedResponse(
-        content=content.strip(),
+        content="".join(answer).strip(),
         thinking="\n".join(t.strip() for t in thoughts) if thoughts else None,
         tool_calls=[c for c in items if isinstance(c, ToolCall)],
         errors=[c for c in items if isinstance(c, ToolCallError)])

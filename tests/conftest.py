@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = ROOT.parent / "shared"  # the one place tests name ../shared: import these constants, or use the fixtures
 FIXTURES = SHARED / "fixtures"
+MEDIA = FIXTURES / "media"
+TOKENIZER = FIXTURES / "gemma4-tokenizer"  # the real Gemma 4 tokenizer files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

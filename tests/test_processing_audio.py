@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import FIXTURES
 from gemma_mlx.errors import InputError, MediaError
 from gemma_mlx.processing.audio import (
     MAX_CLIP_SECONDS,
@@ -19,7 +19,7 @@ from gemma_mlx.processing.audio import (
     split_audio,
 )
 
-MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "media"
+MEDIA = FIXTURES / "media"
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FIXTURES
 from gemma_mlx.errors import InputError, MediaError
 from gemma_mlx.processing.image import (
     SUPPORTED_SOFT_TOKENS,
@@ -40,7 +41,7 @@ from gemma_mlx.processing.image import (
     preprocess_image,
 )
 
-MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "media"
+MEDIA = FIXTURES / "media"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png")
 
 

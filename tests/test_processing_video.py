@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FIXTURES
 from gemma_mlx.errors import InputError, MediaError
 from gemma_mlx.processing.audio import load_audio
 from gemma_mlx.processing.image import image_features
@@ -24,13 +25,14 @@ from gemma_mlx.processing.prompt import MediaTokens, video_span
 from gemma_mlx.processing.video import (
     DEFAULT_NUM_FRAMES,
     FALLBACK_FPS,
+    MAX_VIDEO_FRAMES,
     load_video,
     sample_frame_indices,
     timestamp,
 )
 from test_processing_image import reference_functions
 
-MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "media"
+MEDIA = FIXTURES / "media"
 BUNNY = MEDIA / "bigbuckbunny.mp4"  # 1280×720, 25 fps, 132 frames, 5.28 s, 48 kHz 5.1 AAC
 TOKENS = MediaTokens(image="<|image|>", audio="<|audio|>", video="<|video|>", boi="<|image>", eoi="<image|>",
                      boa="<|audio>", eoa="<audio|>", ids={"image": 258880, "audio": 258881, "video": 258884})
@@ -83,7 +85,7 @@ def test_sampling_equals_transformers_default_sample_indices_fn():
                     assert ours == list(range(total)) and "only" in notes[0]
             for fps in (0.5, 1, 2.5):
                 want = default_sample_indices_fn(meta, fps=fps).tolist()
-                ours, notes = sample_frame_indices(total, None, fps, video_fps, max_frames=10**6)
+                ours, notes = sample_frame_indices(total, None, fps, video_fps, max_frames=MAX_VIDEO_FRAMES)
                 assert ours == want, (total, video_fps, fps)
     assert sample_frame_indices(132, None, None, 25.0)[0] == [i * 132 // 32 for i in range(32)]  # default 32
     assert DEFAULT_NUM_FRAMES == 32

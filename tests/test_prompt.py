@@ -12,13 +12,13 @@ test_processing_video.py checks against transformers); the processor's own ``rep
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from conftest import FIXTURES
 from gemma_mlx.errors import InputError, MediaError
 from gemma_mlx.model.masks import TOKEN_TYPE_AUDIO, TOKEN_TYPE_IMAGE, TOKEN_TYPE_TEXT, TOKEN_TYPE_VIDEO
 from gemma_mlx.processing.audio import audio_frames, load_audio
@@ -31,7 +31,7 @@ from gemma_mlx.processing.prompt import (
 )
 from gemma_mlx.processing.video import load_video
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+SHARED = FIXTURES
 MEDIA = SHARED / "media"
 TOKENIZER_DIR = SHARED / "gemma4-tokenizer"
 # The 12B config's media token ids (config.json: image_token_id, audio_token_id, video_token_id, boi_token_id,

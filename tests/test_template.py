@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TOKENIZER
 from gemma_mlx.errors import TemplateError
 from gemma_mlx.template import ChatTemplate
 from gemma_mlx.tokenizer import Tokenizer, special_tokens_map
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gemma4-tokenizer"
+FIXTURE = TOKENIZER
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template_31b_it.jinja")
 
 WEATHER = {"type": "function", "function": {

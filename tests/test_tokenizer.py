@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from tokenizers import decoders
 
+from conftest import TOKENIZER
 from gemma_mlx.errors import InputError, WeightsError
 from gemma_mlx.tokenizer import (
     GEMMA_CHAT_SPECIALS,
@@ -17,7 +17,7 @@ from gemma_mlx.tokenizer import (
     write_byte_tokenizer,
 )
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gemma4-tokenizer"
+FIXTURE = TOKENIZER
 SEP = "\n__ggml_vocab_test__\n"
 # Multi-byte text whose rarer characters fall back to byte tokens (Runic, Tamil, hieroglyphs, ZWJ emoji).
 HARD_TEXT = "Grüße 😀 日本語 — ½ ᚠᛇᚻ விருந்து 𓀀𓀁 👩‍👩‍👧‍👦 🇫🇷\n\t end"

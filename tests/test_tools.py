@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 
+from conftest import TOKENIZER
 from gemma_mlx.template import ChatTemplate
 from gemma_mlx.tools import (
     ToolCall,
@@ -20,7 +20,7 @@ from gemma_mlx.tools import (
     split_response,
 )
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gemma4-tokenizer"
+FIXTURE = TOKENIZER
 Q = '<|"|>'
 
 ARGUMENTS = [

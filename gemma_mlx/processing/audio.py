@@ -37,14 +37,36 @@ _PASSBAND = 0.913
 _STOPBAND_DB = 125.0
 _MAX_PHASES = 4096  # odd rate pairs (e.g. 44 101 Hz) use 4096 quantised phases: < 1/8192-sample timing error
 _BLOCK_ELEMENTS = 1 << 22  # rows × taps per matrix product: bounds the scratch memory to 16 MB
+# The filter table (phases × taps) is at most this many float32 values (16 MB). Taps grow with the input rate
+# (≈ 4 500 at 384 kHz), so fast rates get fewer phases: still < 1/1800 of an input sample of timing error there.
+_TABLE_ELEMENTS = 1 << 22
+_TABLE_ROWS = 256  # phases computed at a time: the float64 intermediates stay near 10 MB
+
+# Sampling rates a file or array may state. Below 1 kHz nothing intelligible survives; above 384 kHz no audio
+# hardware records, and the resampler's filter (its length grows with the rate) would only cost time and memory.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+
+
+def check_sample_rate(rate, what: str = "sampling rate") -> int:
+    """The rate as an int; MediaError naming `what` unless it is a whole number of Hz in the supported range."""
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise MediaError(f"{what} must be a number of Hz, got {rate!r}")
+    if not math.isfinite(rate) or rate != int(rate):
+        raise MediaError(f"{what} must be a whole number of Hz, got {rate!r}")
+    rate = int(rate)
+    if rate <= 0:
+        raise MediaError(f"{what} must be positive, got {rate} Hz")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise MediaError(f"{what} {rate} Hz is outside the supported {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    return rate
 
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RATE) -> np.ndarray:
     """The mono float32 wave resampled from orig_rate to target_rate: ceil(n · target / orig) samples."""
     wave = np.ascontiguousarray(np.asarray(wave, dtype=np.float32).reshape(-1))
-    orig_rate, target_rate = int(orig_rate), int(target_rate)
-    if orig_rate <= 0 or target_rate <= 0:
-        raise InputError(f"sampling rates must be positive, got {orig_rate} -> {target_rate}")
+    orig_rate = check_sample_rate(orig_rate, "input sampling rate")
+    target_rate = check_sample_rate(target_rate, "target sampling rate")
     if orig_rate == target_rate or wave.size == 0:
         return wave.copy()
     g = math.gcd(orig_rate, target_rate)
@@ -82,12 +104,15 @@ def _filter_table(orig_rate: int, target_rate: int, up: int) -> tuple[np.ndarray
     length = (_STOPBAND_DB - 7.95) / (2.285 * 2 * math.pi * transition)
     half = int(math.ceil(length / 2)) + 1
     beta = 0.1102 * (_STOPBAND_DB - 8.7)
-    phases = min(up, _MAX_PHASES)
-    offset = np.arange(phases)[:, None] / phases + (half - 1) - np.arange(2 * half)[None, :]  # t_out - t_in
-    window = np.i0(beta * np.sqrt(np.clip(1 - (offset / half) ** 2, 0, None))) / np.i0(beta)
-    taps = 2 * cutoff * np.sinc(2 * cutoff * offset) * window
-    taps /= taps.sum(axis=1, keepdims=True)  # unit DC gain in every phase
-    return taps.astype(np.float32), half
+    phases = max(1, min(up, _MAX_PHASES, _TABLE_ELEMENTS // (2 * half)))
+    table = np.empty((phases, 2 * half), np.float32)
+    for start in range(0, phases, _TABLE_ROWS):
+        rows = np.arange(start, min(phases, start + _TABLE_ROWS))
+        offset = rows[:, None] / phases + (half - 1) - np.arange(2 * half)[None, :]  # t_out - t_in
+        window = np.i0(beta * np.sqrt(np.clip(1 - (offset / half) ** 2, 0, None))) / np.i0(beta)
+        taps = 2 * cutoff * np.sinc(2 * cutoff * offset) * window
+        table[rows] = taps / taps.sum(axis=1, keepdims=True)  # unit DC gain in every phase
+    return table, half
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
@@ -109,9 +134,7 @@ def load_audio(src, sampling_rate: int | None = None, *, target_rate: int = SAMP
         return decode_audio(read_bytes(src), describe(src), target_rate)
     if sampling_rate is None:
         raise MediaError("an audio array needs its sampling_rate (pass load_audio(array, rate))")
-    rate = int(sampling_rate)
-    if rate <= 0:
-        raise MediaError(f"sampling_rate must be positive, got {sampling_rate}")
+    rate = check_sample_rate(sampling_rate, "sampling_rate")
     wave = _mono_from_array(np.asarray(src))
     if wave.size > MAX_AUDIO_SECONDS * rate:
         raise MediaError(f"{wave.size / rate:.0f} s of audio is more than the context could hold; cut it first")
@@ -157,11 +180,23 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, int]:
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.samplerate > 0 and f.frames / f.samplerate > MAX_AUDIO_SECONDS:
+            check_sample_rate(f.samplerate, f"{name}: sampling rate")  # before the filter is sized from it
+            if f.frames / f.samplerate > MAX_AUDIO_SECONDS:
                 raise MediaError(f"{name}: {f.frames / f.samplerate:.0f} s of audio is more than the context "
                                  "could hold; cut it first")
-            wave = f.read(dtype="float32", always_2d=True)
-            return wave.mean(axis=1), f.samplerate
+            rate = f.samplerate
+            # Read in blocks, down-mixed as they come: memory follows the samples really there, never the
+            # frame count a header claims, and stays mono.
+            chunks, total, block = [], 0, max(1, _BLOCK_ELEMENTS // max(1, f.channels))
+            while True:
+                part = f.read(block, dtype="float32", always_2d=True)
+                if not len(part):
+                    break
+                chunks.append(part.mean(axis=1))
+                total += len(part)
+                if total > MAX_AUDIO_SECONDS * rate:
+                    raise MediaError(f"{name}: more audio than the context could hold; cut it first")
+            return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
     except MediaError:
         raise
     except Exception:  # libsndfile cannot read it (m4a, aac, mp4...): let FFmpeg try
@@ -201,7 +236,7 @@ def _decode_with_av(data: bytes, name: str) -> tuple[np.ndarray, int]:
             total = 0
             for frame in container.decode(stream):
                 if rate is None:
-                    rate = frame.sample_rate
+                    rate = check_sample_rate(frame.sample_rate, f"{name}: sampling rate")
                 elif frame.sample_rate != rate:
                     raise MediaError(f"{name}: the sample rate changes mid-stream ({rate} -> {frame.sample_rate} Hz)")
                 chunks.append(_frame_channels(frame).mean(axis=0))  # down-mix as it decodes: memory stays mono

@@ -66,6 +66,7 @@ def load_image(src, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     name = describe(src)
     if isinstance(src, Image.Image):
         image = src
+        _check_size(image, name, max_pixels)  # a lazily opened image is not decoded yet: refuse bombs first
         try:
             image.load()  # a lazily opened PIL image may still hold a truncated file
         except (OSError, SyntaxError, ValueError) as e:

@@ -35,6 +35,8 @@ DEFAULT_NUM_FRAMES = 32
 VIDEO_SOFT_TOKENS = 70
 FALLBACK_FPS = 24.0  # what transformers assumes when a video's frame rate is unknown
 MAX_FPS_FRAMES = 60
+# More frames than this (70 soft tokens each) could never fit the 262 144-token context: refused up front.
+MAX_VIDEO_FRAMES = 262_144 // VIDEO_SOFT_TOKENS
 
 
 @dataclass
@@ -79,8 +81,11 @@ def sample_frame_indices(total: int, num_frames: int | None = None, fps: float |
         raise InputError("pass num_frames or fps, not both (they are mutually exclusive)")
     if total < 1:
         raise MediaError("the video has no frames")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or \
+            not 1 <= max_frames <= MAX_VIDEO_FRAMES:
+        raise InputError(f"max_frames must be an integer in 1..{MAX_VIDEO_FRAMES}, got {max_frames!r}")
     if fps is not None:
-        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise InputError(f"fps must be a positive number, got {fps!r}")
         if not video_fps:
             video_fps = FALLBACK_FPS
@@ -93,6 +98,9 @@ def sample_frame_indices(total: int, num_frames: int | None = None, fps: float |
         n = DEFAULT_NUM_FRAMES if num_frames is None else num_frames
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if n > MAX_VIDEO_FRAMES:
+            raise InputError(f"num_frames={n} is more frames than the context could hold "
+                             f"(at most {MAX_VIDEO_FRAMES} of {VIDEO_SOFT_TOKENS} soft tokens each)")
     if n > total:
         noun = "frame" if total == 1 else "frames"
         notes.append(f"the video has only {total} {noun}, fewer than the {n} asked for; all {total} are used")
@@ -126,13 +134,13 @@ def load_video(src, num_frames: int | None = None, fps: float | None = None,
         return image_features(picture, max_soft_tokens, patch_size, pooling_kernel_size, video_frame=True)
 
     indices, sample_notes = sample_frame_indices(total, num_frames, fps, rate, max_frames)
-    tiles, decoded = _decode_frames(data, name, set(indices), features)
+    tiles, decoded = _decode_frames(data, name, set(indices), features, max_pixels)
     if len(tiles) < len(indices):
         # The container over-stated its frame count: sample again over the frames that really decode.
         notes.append(f"the file states {total} frames but {decoded} decode; sampled over {decoded}")
         total = decoded
         indices, sample_notes = sample_frame_indices(total, num_frames, fps, rate, max_frames)
-        tiles, _ = _decode_frames(data, name, set(indices), features)
+        tiles, _ = _decode_frames(data, name, set(indices), features, max_pixels)
     notes += sample_notes
     frames = [tiles[i] for i in indices]
     audio = None
@@ -171,7 +179,8 @@ def _probe(data: bytes, name: str, max_pixels: int) -> tuple[int, float | None, 
     return total, video_fps, has_audio
 
 
-def _decode_frames(data: bytes, name: str, wanted: set[int], convert) -> tuple[dict[int, ImageFeatures], int]:
+def _decode_frames(data: bytes, name: str, wanted: set[int], convert, max_pixels: int = MAX_IMAGE_PIXELS
+                   ) -> tuple[dict[int, ImageFeatures], int]:
     """({index: convert(RGB picture)} for the wanted frame indices, number of frames decoded)."""
     import av
 
@@ -183,6 +192,9 @@ def _decode_frames(data: bytes, name: str, wanted: set[int], convert) -> tuple[d
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
+                if frame.width * frame.height > max_pixels:  # the header may not say, or a later frame grows
+                    raise MediaError(f"{name}: frame {count} is {frame.width}×{frame.height}, more than the "
+                                     f"{max_pixels} pixels allowed")
                 if count in wanted:
                     out[count] = convert(frame.to_image())  # RGB (FFmpeg's YUV -> RGB, as transformers' reader)
                 count += 1

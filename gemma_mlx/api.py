@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import PromptCache
 from .errors import InputError, TemplateError
-from .generation import GenerationStats, PromptCache, SamplingOptions, stream_tokens
+from .generation import GenerationStats, SamplingOptions, stream_tokens
 from .model import masks
 from .prefill import DEFAULT_PREFILL_CHUNK
 from .processing.audio import load_audio

@@ -9,9 +9,15 @@ order the ring holds it.
 - ``RingCache`` (sliding layers) keeps the last ``window - 1 + extra`` positions. ``window - 1`` is what the
   next query needs; ``extra`` is room for a chunk to be written in place, and for rolling back up to ``extra``
   tokens even after the ring has wrapped (edits, retries, speculative decoding).
+
+Both kinds roll back with ``trim(n)`` (up to ``max_trim()``) and go back further with ``snapshot()`` /
+``restore(snap)``. ``PromptCache`` holds one cache per layer plus the keys of the tokens they hold, so that a
+later prompt reuses the longest common prefix.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +26,10 @@ from .errors import InputError
 
 DEFAULT_FULL_STEP = 4096
 DEFAULT_RING_EXTRA = 256
+
+
+def _copy(x: mx.array | None) -> mx.array | None:
+    return None if x is None else mx.array(x)
 
 
 class _KVBuffers:
@@ -81,15 +91,23 @@ class FullCache(_KVBuffers):
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :], mx.arange(end, dtype=mx.int32)
 
-    @property
     def max_trim(self) -> int:
+        """How many of the newest positions can be forgotten: all of them."""
         return self.offset
 
     def trim(self, n: int) -> int:
-        """Forget the last n positions (at most max_trim); return how many were forgotten."""
-        n = max(0, min(n, self.max_trim))
+        """Forget the last n positions (at most max_trim()); return how many were forgotten."""
+        n = max(0, min(n, self.max_trim()))
         self.offset -= n
         return n
+
+    def snapshot(self) -> int:
+        """A restorable state: the offset alone, since this cache only ever appends past it."""
+        return self.offset
+
+    def restore(self, snap: int) -> None:
+        """Go back to a snapshot taken earlier on this cache."""
+        self.offset = snap
 
 
 class RingCache(_KVBuffers):
@@ -149,7 +167,6 @@ class RingCache(_KVBuffers):
         self.offset += L
         return keys, values, mx.array(positions)
 
-    @property
     def max_trim(self) -> int:
         """How many of the newest positions can be forgotten while still leaving a full window behind."""
         if self.offset <= self.size:
@@ -157,11 +174,24 @@ class RingCache(_KVBuffers):
         return self.size - (self.window - 1)
 
     def trim(self, n: int) -> int:
-        """Forget the last n positions (at most max_trim); return how many were forgotten."""
-        n = max(0, min(n, self.max_trim))
+        """Forget the last n positions (at most max_trim()); return how many were forgotten."""
+        n = max(0, min(n, self.max_trim()))
         self.offset -= n
         self.positions[self.positions >= self.offset] = -1
         return n
+
+    def snapshot(self) -> tuple:
+        """A restorable state: offset, buffers and slot positions.
+
+        ``mx.array(x)`` is a new array object over the same data: in-place writes to the ring (which rebind the
+        ring's array object) then copy on write instead of changing what the snapshot holds.
+        """
+        return self.offset, _copy(self.keys), _copy(self.values), self.positions.copy()
+
+    def restore(self, snap: tuple) -> None:
+        """Go back to a snapshot taken earlier on this cache."""
+        offset, keys, values, positions = snap
+        self.offset, self.keys, self.values, self.positions = offset, _copy(keys), _copy(values), positions.copy()
 
 
 LayerCache = FullCache | RingCache
@@ -190,7 +220,7 @@ def cache_offset(caches: list[LayerCache | None] | None) -> int:
 
 def max_trim(caches: list[LayerCache | None]) -> int:
     """How many of the newest positions every cache can forget."""
-    return min(c.max_trim for c in caches if c is not None)
+    return min(c.max_trim() for c in caches if c is not None)
 
 
 def trim_caches(caches: list[LayerCache | None], n: int) -> int:
@@ -203,33 +233,108 @@ def trim_caches(caches: list[LayerCache | None], n: int) -> int:
     return n
 
 
-def _copy(x: mx.array | None) -> mx.array | None:
-    return None if x is None else mx.array(x)
-
-
 def snapshot_caches(caches: list[LayerCache | None]) -> list:
-    """A restorable copy of the caches' state.
-
-    ``mx.array(x)`` is a new array object over the same data: in-place writes to the ring (which rebind the
-    ring's array object) then copy on write instead of changing what the snapshot holds. A full-attention
-    cache only ever appends, so its offset is all it takes.
-    """
-    snap = []
-    for c in caches:
-        if isinstance(c, RingCache):
-            snap.append((c.offset, _copy(c.keys), _copy(c.values), c.positions.copy()))
-        elif c is not None:
-            snap.append((c.offset,))
-        else:
-            snap.append(None)
-    return snap
+    """Each cache's snapshot (None for layers without a cache)."""
+    return [None if c is None else c.snapshot() for c in caches]
 
 
 def restore_caches(caches: list[LayerCache | None], snap: list) -> None:
-    """Put the caches back to a snapshot taken earlier on these same caches."""
+    """Put every cache back to a snapshot_caches taken earlier on these same caches."""
     for c, s in zip(caches, snap):
-        if isinstance(c, RingCache):
-            c.offset, keys, values, positions = s
-            c.keys, c.values, c.positions = _copy(keys), _copy(values), positions.copy()
-        elif c is not None:
-            c.offset = s[0]
+        if c is not None:
+            c.restore(s)
+
+
+@dataclass
+class PromptCache:
+    """KV caches plus the keys of the tokens they hold, so that a later prompt reuses their common prefix.
+
+    A key is a token id, or for a media soft token (id, fingerprint of its image, frame or clip): the same
+    placeholder id with a different picture behind it must not count as a match.
+    """
+
+    caches: list
+    keys: list = field(default_factory=list)
+    # (position, snapshot) where the next prompt is expected to part from this one. Chat templates re-render a
+    # finished model turn differently from the generation prompt it was produced after (the Gemma 4 template
+    # drops the empty thought channel and any thinking), so the next turn must roll back to the start of that
+    # turn. Once the sliding ring has wrapped it cannot roll back that far; restoring the snapshot can.
+    checkpoint: tuple[int, list] | None = None
+
+    @classmethod
+    def new(cls, model, *, max_context: int | None = None) -> PromptCache:
+        """Empty caches for model (full-attention buffers capped at max_context when given)."""
+        return cls(make_cache(model.config.text, max_size=max_context))
+
+    def reset(self) -> None:
+        """Forget everything the caches hold."""
+        self._reset_caches()
+        self.keys, self.checkpoint = [], None
+
+    def _reset_caches(self) -> None:
+        for c in self.caches:
+            if c is not None:
+                c.reset()
+
+    @property
+    def offset(self) -> int:
+        """Number of positions the caches hold."""
+        return cache_offset(self.caches)
+
+    def max_trim(self) -> int:
+        """How many of the newest positions every cache can forget."""
+        return max_trim(self.caches)
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions in every cache, or raise if some cache cannot go back that far."""
+        return trim_caches(self.caches, n)
+
+    def snapshot(self) -> list:
+        """A restorable copy of every cache's state."""
+        return snapshot_caches(self.caches)
+
+    def restore(self, snap: list) -> None:
+        """Put every cache back to a snapshot taken earlier on these caches."""
+        restore_caches(self.caches, snap)
+
+    def _reconcile(self) -> None:
+        # Keys are claimed before the caches are written (prefill) or just after (decode), so an interrupted
+        # generation can leave them a little apart: keep only what both agree on.
+        offsets = {c.offset for c in self.caches if c is not None}
+        if len(offsets) != 1:  # an interrupt between layers: nothing can be trusted
+            self.reset()
+            return
+        offset = offsets.pop()
+        if offset > len(self.keys):
+            if offset - len(self.keys) > self.max_trim():
+                self.reset()
+                return
+            self.trim(offset - len(self.keys))
+        del self.keys[offset:]
+
+    def rewind(self, keys: list, token_types: np.ndarray | None = None) -> int:
+        """Roll the caches back to the longest prefix of keys they can reuse; return its length."""
+        self._reconcile()
+        n = 0
+        for a, b in zip(self.keys, keys):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(keys) - 1)  # the last prompt token must run to give the next token's logits
+        if token_types is not None:
+            # Never resume inside a media run: a vision block attends both ways and must run whole, and the
+            # prefill embeds media item by item.
+            while 0 < n < len(keys) and token_types[n] != 0 and token_types[n - 1] == token_types[n]:
+                n -= 1
+        if len(self.keys) - n <= self.max_trim():
+            self.trim(len(self.keys) - n)
+        elif self.checkpoint is not None and self.checkpoint[0] <= n:
+            n = self.checkpoint[0]
+            self.restore(self.checkpoint[1])
+        else:
+            n = 0
+            self._reset_caches()
+        del self.keys[n:]
+        if self.checkpoint is not None and self.checkpoint[0] > n:
+            self.checkpoint = None
+        return n

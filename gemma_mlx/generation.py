@@ -12,13 +12,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .cache import make_cache, max_trim, restore_caches, snapshot_caches, trim_caches
+from .cache import PromptCache
 from .errors import ContextLengthError, InputError, WeightsError
 from .model import masks
 from .prefill import DEFAULT_PREFILL_CHUNK, prefill
@@ -124,79 +124,6 @@ class GenerationStats:
                   else f"{self.peak_memory_gb * 1000:.0f} MB")
         return (f"prompt {self.prompt_tokens} tokens{reused} at {self.prompt_tps:.1f} tok/s · generated "
                 f"{self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s · peak memory {memory}")
-
-
-@dataclass
-class PromptCache:
-    """KV caches plus the keys of the tokens they hold, so that a later prompt reuses their common prefix.
-
-    A key is a token id, or for a media soft token (id, fingerprint of its image, frame or clip): the same
-    placeholder id with a different picture behind it must not count as a match.
-    """
-
-    caches: list
-    keys: list = field(default_factory=list)
-    # (position, snapshot) where the next prompt is expected to part from this one. Chat templates re-render a
-    # finished model turn differently from the generation prompt it was produced after (the Gemma 4 template
-    # drops the empty thought channel and any thinking), so the next turn must roll back to the start of that
-    # turn. Once the sliding ring has wrapped it cannot roll back that far; restoring the snapshot can.
-    checkpoint: tuple[int, list] | None = None
-
-    @classmethod
-    def new(cls, model, *, max_context: int | None = None) -> PromptCache:
-        """Empty caches for model (full-attention buffers capped at max_context when given)."""
-        return cls(make_cache(model.config.text, max_size=max_context))
-
-    def reset(self) -> None:
-        """Forget everything the caches hold."""
-        for c in self.caches:
-            if c is not None:
-                c.reset()
-        self.keys, self.checkpoint = [], None
-
-    def _reconcile(self) -> None:
-        # Keys are claimed before the caches are written (prefill) or just after (decode), so an interrupted
-        # generation can leave them a little apart: keep only what both agree on.
-        offsets = {c.offset for c in self.caches if c is not None}
-        if len(offsets) != 1:  # an interrupt between layers: nothing can be trusted
-            self.reset()
-            return
-        offset = offsets.pop()
-        if offset > len(self.keys):
-            if offset - len(self.keys) > max_trim(self.caches):
-                self.reset()
-                return
-            trim_caches(self.caches, offset - len(self.keys))
-        del self.keys[offset:]
-
-    def rewind(self, keys: list, token_types: np.ndarray | None = None) -> int:
-        """Roll the caches back to the longest prefix of keys they can reuse; return its length."""
-        self._reconcile()
-        n = 0
-        for a, b in zip(self.keys, keys):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(keys) - 1)  # the last prompt token must run to give the next token's logits
-        if token_types is not None:
-            # Never resume inside a media run: a vision block attends both ways and must run whole, and the
-            # prefill embeds media item by item.
-            while 0 < n < len(keys) and token_types[n] != 0 and token_types[n - 1] == token_types[n]:
-                n -= 1
-        if len(self.keys) - n <= max_trim(self.caches):
-            trim_caches(self.caches, len(self.keys) - n)
-        elif self.checkpoint is not None and self.checkpoint[0] <= n:
-            n = self.checkpoint[0]
-            restore_caches(self.caches, self.checkpoint[1])
-        else:
-            n = 0
-            for c in self.caches:
-                if c is not None:
-                    c.reset()
-        del self.keys[n:]
-        if self.checkpoint is not None and self.checkpoint[0] > n:
-            self.checkpoint = None
-        return n
 
 
 def _sample_utils():
@@ -333,7 +260,7 @@ def stream_tokens(model, input_ids, *, opts: SamplingOptions, cache: PromptCache
             if reuse < checkpoint_at:
                 prefill(model, embeddings[:, : checkpoint_at - reuse], types[None, reuse:checkpoint_at],
                         cache.caches, prefill_chunk, on_chunk)
-            cache.checkpoint = (checkpoint_at, snapshot_caches(cache.caches))
+            cache.checkpoint = (checkpoint_at, cache.snapshot())
             embeddings, reuse = embeddings[:, checkpoint_at - reuse:], checkpoint_at
         hidden = prefill(model, embeddings, types[None, reuse:], cache.caches, prefill_chunk, on_chunk)
     except _Interrupted:

@@ -13,7 +13,7 @@ from gemma_mlx import api
 from gemma_mlx.cache import make_cache
 from gemma_mlx.chat import Chat
 from gemma_mlx.errors import ContextLengthError, InputError
-from gemma_mlx.generation import PromptCache
+from gemma_mlx.cache import PromptCache
 from gemma_mlx.tiny import write_demo_model
 
 GREEDY = dict(greedy=True, max_tokens=24)
@@ -158,7 +158,7 @@ def test_stopped_and_failed_turns(g):
 
 
 def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
-    image = str(fixtures_dir / "media" / "chelsea.png")
+    image = str((fixtures_dir / "media" / "chelsea.png").resolve())  # attachments are kept by resolved path
     audio = str(fixtures_dir / "media" / "speech_16k.flac")
     chat = Chat(g, system="Describe.", **GREEDY)
     first = chat.ask("What is this?", images=[image], audios=[audio])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gemma_mlx.api import Piece, _TextStream, load
-from gemma_mlx.cache import make_cache
+from gemma_mlx.cache import PromptCache, make_cache
 from gemma_mlx.errors import ContextLengthError, InputError
-from gemma_mlx.generation import GenerationStats, PromptCache, SamplingOptions, stream_tokens
+from gemma_mlx.generation import GenerationStats, SamplingOptions, stream_tokens
 from gemma_mlx.tiny import MEDIA_TOKEN_STRINGS
 from gemma_mlx.tokenizer import write_byte_tokenizer
 from hf_tiny import TOKENS, VOCAB

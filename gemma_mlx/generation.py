@@ -2,14 +2,13 @@
 
 The decode loop keeps the device busy as mlx-lm does: the graph of step n+1 is built on the still-lazy token n
 and queued with ``mx.async_eval`` before the host waits for token n, so graph building, detokenising and
-streaming all overlap device work. Sampling and penalties reuse ``mlx_lm.sample_utils``.
+streaming all overlap device work. Sampling and penalties are sampling.py's (mlx-lm's semantics, per row).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -22,8 +21,7 @@ from .cache import PromptCache
 from .errors import ContextLengthError, InputError, WeightsError
 from .model import masks
 from .prefill import DEFAULT_PREFILL_CHUNK, prefill
-
-PENALTY_CONTEXT = 64  # tokens the repetition and presence penalties look back over
+from .sampling import PENALTY_CONTEXT, SEED_LIMIT, RowSampler, sample
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,7 @@ class SamplingOptions:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     seed: int | None = None
+    logit_bias: dict | None = None  # token id -> added to its logit (-inf never emits it)
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     eos_ids: tuple[int, ...] = (1,)
@@ -73,7 +72,34 @@ class SamplingOptions:
         return replace(self, temperature=0.0)
 
     def check(self) -> SamplingOptions:
-        """These options, or an InputError naming the first value out of range."""
+        """These options, or an InputError naming the first value out of range or of the wrong type."""
+        def number(name, value, optional=False):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+
+        def integer(name, value, optional=False):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+
+        for name in ("temperature", "top_p", "min_p"):
+            number(name, getattr(self, name))
+        number("repetition_penalty", self.repetition_penalty, optional=True)
+        number("presence_penalty", self.presence_penalty, optional=True)
+        integer("top_k", self.top_k)
+        integer("max_tokens", self.max_tokens)
+        integer("seed", self.seed, optional=True)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InputError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                integer("a logit_bias token id", token)
+                if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) \
+                        or bias == math.inf:
+                    raise InputError(f"logit_bias for token {token} must be a number (or -inf), got {bias!r}")
         problems = [
             (self.temperature < 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
             (self.top_k < 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
@@ -82,7 +108,9 @@ class SamplingOptions:
             (self.repetition_penalty is not None and self.repetition_penalty <= 0,
              f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"),
             (self.max_tokens < 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (any(not s for s in self.stop), "stop strings must not be empty"),
+            (self.seed is not None and not 0 <= self.seed < SEED_LIMIT,
+             f"seed must be in [0, 2**64), got {self.seed}"),
+            (any(not isinstance(s, str) or not s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for bad, message in problems:
             if bad:
@@ -126,22 +154,6 @@ class GenerationStats:
                 f"{self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s · peak memory {memory}")
 
 
-def _sample_utils():
-    """mlx_lm.sample_utils, loaded without running mlx_lm's package __init__.
-
-    That __init__ imports mlx-lm's loaders, hence transformers and torch: seconds at every start of the CLI, for
-    a module that needs only mlx.
-    """
-    if "mlx_lm.sample_utils" in sys.modules:
-        return sys.modules["mlx_lm.sample_utils"]
-    name = "gemma_mlx._mlx_lm_sample_utils"
-    if name not in sys.modules:
-        package = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
-        spec = importlib.util.spec_from_file_location(name, Path(package.origin).parent / "sample_utils.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
 
 
 class _Interrupted(Exception):
@@ -180,34 +192,20 @@ def media_after(media: dict, token_types: np.ndarray, start: int) -> dict:
 
 def _make_step(model, opts: SamplingOptions):
     """(first, step): first samples from prompt logits; step runs one token through the model and samples."""
-    utils = _sample_utils()
-    top_k = opts.top_k if opts.top_k < model.config.text.vocab_size else 0  # mlx-lm refuses k >= vocab
-    sampler = utils.make_sampler(opts.temperature, opts.top_p, opts.min_p, 1, top_k)
-    bias = {int(t): -float("inf") for t in opts.suppress_ids}
-    processors = utils.make_logits_processors(bias or None, opts.repetition_penalty, PENALTY_CONTEXT,
-                                              opts.presence_penalty, PENALTY_CONTEXT)
     cfg = model.config
     placeholders = mx.array([t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id)
                              if t is not None] or [-1])
-    state = {}
-
-    def sample(logits: mx.array) -> mx.array:
-        for p in processors:
-            logits = p(state["recent"], logits)
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        if processors:
-            state["recent"] = mx.concatenate([state["recent"], token.astype(mx.int32)])[-PENALTY_CONTEXT:]
-        return token
+    rows: list[RowSampler] = []
 
     def first(hidden: mx.array, prompt_ids: np.ndarray) -> mx.array:
-        state["recent"] = mx.array(prompt_ids[-PENALTY_CONTEXT:])
-        return sample(model.logits(hidden)[:, -1, :])
+        rows[:] = [RowSampler.from_options(opts, cfg.text.vocab_size, prompt_ids[-PENALTY_CONTEXT:])]
+        return sample(model.logits(hidden)[:, -1, :], rows)
 
     def step(token: mx.array, caches) -> mx.array:
         # A sampled placeholder id embeds as pad, as in transformers (decode steps carry no media).
         ids = mx.where(mx.any(token[:, None] == placeholders, axis=-1), cfg.text.pad_token_id, token)
         hidden = model.hidden_states(model.language_model.embed(ids[None]), cache=caches)
-        return sample(model.logits(hidden)[:, -1, :])
+        return sample(model.logits(hidden)[:, -1, :], rows)
 
     return first, step
 
@@ -244,8 +242,6 @@ def stream_tokens(model, input_ids, *, opts: SamplingOptions, cache: PromptCache
     cache = cache if cache is not None else PromptCache.new(model, max_context=max_context)
     reuse = stats.reused_tokens = cache.rewind(keys, types)
     cache.keys = keys  # claimed before the caches are written; the next rewind reconciles after an interrupt
-    if opts.seed is not None:
-        mx.random.seed(opts.seed)
     first, step = _make_step(model, opts)
     mx.reset_peak_memory()
 

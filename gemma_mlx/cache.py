@@ -91,6 +91,11 @@ class FullCache(_KVBuffers):
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :], mx.arange(end, dtype=mx.int32)
 
+    def view(self) -> tuple[mx.array, mx.array, mx.array]:
+        """The keys, values and positions held, without writing (what a drafter reading this layer sees)."""
+        end = self.offset
+        return self.keys[..., :end, :], self.values[..., :end, :], mx.arange(end, dtype=mx.int32)
+
     def max_trim(self) -> int:
         """How many of the newest positions can be forgotten: all of them."""
         return self.offset
@@ -166,6 +171,10 @@ class RingCache(_KVBuffers):
         self._write(k[..., L - keep :, :], v[..., L - keep :, :], start + L - keep)
         self.offset += L
         return keys, values, mx.array(positions)
+
+    def view(self) -> tuple[mx.array, mx.array, mx.array]:
+        """The whole ring, in ring order, with each slot's position (-1 empty), without writing."""
+        return self.keys, self.values, mx.array(self.positions)
 
     def max_trim(self) -> int:
         """How many of the newest positions can be forgotten while still leaving a full window behind."""

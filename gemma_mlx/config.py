@@ -404,3 +404,57 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 def embed_scale(hidden_size: int) -> float:
     """The √hidden factor applied to token embeddings (not to vision/audio embeddings)."""
     return math.sqrt(hidden_size)
+
+
+# -- the assistant drafter (gemma4_unified_assistant) ------------------------------------------------
+
+GEMMA4_ASSISTANT = "gemma4_unified_assistant"
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """Gemma 4's MTP drafter: a small decoder with no K/V of its own, reading the target's last hidden state."""
+
+    text: TextConfig
+    backbone_hidden_size: int  # the target's hidden size: its embeddings and hidden states come in at this width
+    quantization: dict[str, Any] | None = None
+    model_type: str = GEMMA4_ASSISTANT
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def parse_assistant_config(cfg: dict) -> AssistantConfig:
+    """AssistantConfig from an assistant's config.json dict; ConfigError names the first bad or missing field."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("config.json must hold a JSON object")
+    if cfg.get("model_type") != GEMMA4_ASSISTANT:
+        raise ConfigError(f"config.json: model_type {cfg.get('model_type')!r} is not a Gemma 4 assistant "
+                          f"({GEMMA4_ASSISTANT}); pass the drafter checkpoint, e.g. google/gemma-4-12B-it-assistant")
+    if cfg.get("use_ordered_embeddings"):
+        raise ConfigError("config.json: use_ordered_embeddings=true (the centroid-masked head) is not supported")
+    if cfg.get("tie_word_embeddings") is False:
+        raise ConfigError("config.json: tie_word_embeddings=false is not supported for the assistant "
+                          "(its logits come from its own tied embedding table)")
+    text_dict = dict(_require(cfg, "text_config", ""))
+    n = _positive_int(text_dict, "num_hidden_layers", "text_config.")
+    shared = text_dict.get("num_kv_shared_layers") or n
+    if shared != n:
+        raise ConfigError(f"config.json: text_config.num_kv_shared_layers={shared}: every assistant layer reads "
+                          f"the target's K/V, so it must equal num_hidden_layers ({n})")
+    # Parsed as a plain Gemma 4 stack; the K/V sources are the target's layers, fixed when the pair is attached.
+    text_dict["num_kv_shared_layers"] = 0
+    text = parse_text_config(text_dict, GEMMA4_UNIFIED)
+    backbone = _positive_int(cfg, "backbone_hidden_size", "")
+    return AssistantConfig(text=text, backbone_hidden_size=backbone,
+                           quantization=cfg.get("quantization") or cfg.get("quantization_config"), raw=cfg)
+
+
+def load_assistant_config(model_dir: str | Path) -> AssistantConfig:
+    """AssistantConfig read from ``model_dir/config.json``."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {model_dir}: not a Hugging Face or MLX model directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return parse_assistant_config(cfg)

@@ -213,3 +213,13 @@ def test_out_follows_the_umask(tiny_gemma4, tmp_path, umask):
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# -- 5. a newcomer sees a status line at once ----------------------------------------------------------------------
+
+def test_a_status_line_comes_first_and_quiet_silences_it(tiny_gemma4, tmp_path):
+    _, src = tiny_gemma4
+    code, output = cli_convert(str(src), "-o", str(tmp_path / "out"), "-q", "8")
+    assert code == 0 and output.splitlines()[0] == f"converting {src} -> {tmp_path / 'out'}: checking the checkpoint..."
+    code, output = cli_convert(str(src), "-o", str(tmp_path / "quiet"), "-q", "8", "--quiet")
+    assert code == 0 and "converting" not in output

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gemma_mlx.errors import ConvertError
 
 from .quantize import DEFAULT_RECIPE, RECIPES, check_mode, check_recipe
-from .writer import DEFAULT_SHARD_SIZE, ConvertSummary
+from .writer import DEFAULT_SHARD_SIZE, ConvertSummary, check_output
 
 
 def convert(source: str | Path, out: str | Path, *, bits: int | None = 4, group_size: int = 64,
@@ -26,6 +27,8 @@ def convert(source: str | Path, out: str | Path, *, bits: int | None = 4, group_
         check_mode(bits, group_size, mode)
     if shard_size < 1:
         raise ConvertError(f"shard size must be positive, got {shard_size}")
+    local = Path(source).expanduser()
+    check_output(out, force, [local] if os.path.exists(local) else [])  # before any reading or downloading
     if str(source).endswith(".gguf"):
         from .gguf import convert_gguf
 

@@ -47,6 +47,8 @@ def convert_command(source, out, bits, group_size, mode, recipe, dtype, revision
     files a block at a time, so converting the 24 GB bf16 12B needs well under 1 GB of working memory. The
     output loads in gemma-mlx, mlx-vlm and mlx-lm.
     """
+    if not quiet:  # at once: reading headers and building the model's plan is silent for seconds on the 12B
+        click.echo(f"converting {source} -> {out}: checking the checkpoint...", err=True)
     from . import convert
 
     summary = convert(source, out, bits=None if bits == "none" else int(bits), group_size=int(group_size),

@@ -10,13 +10,14 @@ leaves OUT as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,10 +218,19 @@ def _write_shard(path: Path, shard: list[Planned], target: mx.Dtype, progress: P
             offset += o.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    try:
+        _stream_shard(path, shard, target, progress, raw, offset)
+    except OSError as e:  # pwrite names no file: say which shard the disk refused
+        raise OSError(e.errno, e.strerror, e.filename or str(path)) from None
+
+
+def _stream_shard(path: Path, shard: list[Planned], target: mx.Dtype, progress: Progress, raw: bytes,
+                  data_size: int) -> None:
+    """Write the header raw, then every tensor of shard into its planned place, a block of rows at a time."""
     start = 8 + len(raw)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(start + offset)
+        f.truncate(start + data_size)
         fd = f.fileno()
         for p in shard:
             shape = p.source.shape
@@ -435,26 +445,121 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _owner(path: Path, prefix: str) -> int | None:
-    rest = path.name[len(prefix):]
-    pid = rest.split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+def _sibling_tag(name: str) -> str:
+    """The part of out's name its temporary siblings carry: the name itself if short, else a short prefix and a
+    hash, so `.TAG.partial-PID-XXXXXXXX` fits the file system's name limit whenever out's own name does."""
+    if len(os.fsencode(name)) <= 48:
+        return name
+    return f"{name[:12]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
+
+
+def _siblings(out: Path, kind: str) -> list[tuple[Path, int | None]]:
+    """(path, pid of the conversion that made it) of out's temporary siblings of a kind ('partial' or 'old')."""
+    prefix = f".{_sibling_tag(out.name)}.{kind}-"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for path in entries:
+        if path.name.startswith(prefix):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            found.append((path, int(pid) if pid.isdigit() else None))
+    return found
 
 
 def recover(out: Path) -> None:
     """Clean up after conversions to out that were killed: their temporary directories are removed, and a
     previous model moved aside for --force but never replaced (killed between two renames) is put back."""
-    if not out.parent.is_dir():
+    if not os.path.isdir(out.parent):
         return
-    for prefix, restore in ((f".{out.name}.partial-", False), (f".{out.name}.old-", True)):
-        for path in out.parent.glob(prefix + "*"):
-            pid = _owner(path, prefix)
+    for kind, restore in (("partial", False), ("old", True)):
+        for path, pid in _siblings(out, kind):
             if pid is None or _alive(pid):
                 continue
-            if restore and not out.exists():
+            if restore and not os.path.lexists(out):
                 os.rename(path, out)
             else:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def check_output(out: str | Path, force: bool, protect: list[Path] = ()) -> Path:
+    """out as an absolute path, once it is clear a conversion may write it: ConvertError naming out otherwise.
+
+    Runs before any work (reading a checkpoint, a download), so a wrong -o fails in a moment: out exists
+    without --force or is not replaceable, a parent is a file, a name is longer than the file system takes,
+    or the directory to write in is not writable.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.name in ("", ".", ".."):
+        raise ConvertError(f"{out} cannot be an output directory; name a new directory, e.g. -o {out}/model")
+    recover(out)
+    if os.path.lexists(out):
+        _check_replaceable(out, list(protect))
+        if not force:
+            raise ConvertError(f"{out} already exists; pass --force to replace it")
+    missing = [out]
+    while not os.path.lexists(missing[-1].parent):
+        missing.append(missing[-1].parent)
+    base = missing[-1].parent
+    if not os.path.isdir(base):
+        raise ConvertError(f"cannot create {out}: {base} is not a directory")
+    try:
+        name_max = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    for part in missing:
+        size = len(os.fsencode(part.name))
+        if size > name_max:
+            raise ConvertError(f"cannot create {out}: the name {part.name[:24]}... is {size} bytes, more than the "
+                               f"{name_max} the file system allows")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConvertError(f"cannot create {out}: {base} is not writable")
+    return out
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create path and its missing parents (mode from the umask); returns those created, innermost first."""
+    created: list[Path] = []
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    try:
+        for p in reversed(missing):
+            os.mkdir(p)
+            created.insert(0, p)
+    except OSError:
+        _remove_dirs(created)
+        raise
+    return created
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def _make_temp_dir(out: Path) -> Path:
+    """A new empty directory beside out, named after it and this process; its mode follows the umask (so the
+    final OUT does too: mkdtemp's 0700 would make a model others on the machine cannot read)."""
+    while True:
+        tmp = out.with_name(f".{_sibling_tag(out.name)}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _write_failure(out: Path, e: OSError) -> ConvertError:
+    """The one-line error for a failed write (disk full, quota, I/O error): what failed, on which file."""
+    reason = e.strerror or str(e)
+    where = f" ({Path(e.filename).name})" if e.filename else ""
+    return ConvertError(f"writing {out} failed: {reason}{where}; {out} is left as it was")
 
 
 MARKER = ".gemma-mlx-convert.json"  # written into every output: the files a later --force may replace
@@ -514,7 +619,7 @@ def _commit(tmp: Path, out: Path) -> None:
     """Rename tmp to out (moving an existing out aside first), with Ctrl-C held off between the renames."""
     with held_off():
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
+            old = out.with_name(f".{_sibling_tag(out.name)}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(out, old)
             try:
                 os.rename(tmp, out)
@@ -542,23 +647,29 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_output(out: Path, force: bool, fill: Callable[[Path], dict], start: float,
                   protect: list[Path] = ()) -> ConvertSummary:
-    """Run fill(tmp) in a temporary directory beside out, verify what it wrote, then rename it to out."""
-    out = Path(out).expanduser().absolute()
-    recover(out)
-    if out.exists() or out.is_symlink():
-        _check_replaceable(out, list(protect))
-        if not force:
-            raise ConvertError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    """Run fill(tmp) in a temporary directory beside out, verify what it wrote, then rename it to out.
+
+    Whatever stops it (a bad tensor, a full disk, Ctrl-C, SIGTERM) removes the temporary directory and any
+    parent directory it created, and leaves out as it was.
+    """
+    out = check_output(out, force, list(protect))
+    created: list[Path] = []
+    tmp = None
     try:
+        created = _make_parents(out.parent)
+        tmp = _make_temp_dir(out)
         written = fill(tmp)
         write_marker(tmp)
         verify_output(tmp, written)
         _fsync_dir(tmp)
         _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(out):
+            _remove_dirs(created)
+        if isinstance(e, OSError):
+            raise _write_failure(out, e) from None
         raise
     size = sum((out / f).stat().st_size for f in written["files"])
     return ConvertSummary(out, len(written["expected"]), size, written["parameters"], time.perf_counter() - start)

@@ -4,7 +4,9 @@ corrupt side files, a newcomer's first run, and a seeded fuzz campaign of the co
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tree(path: Path) -> dict[str, bytes | None]:
     """Every entry under path (hidden ones too) with its bytes (None for a directory)."""
-    return {str(p.relative_to(path)): (None if p.is_dir() else p.read_bytes()) for p in sorted(path.rglob("*"))}
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(path.rglob("*"))}  # a FIFO is listed, never opened (that would block)
 
 
 # -- 1. --force replaces only what convert wrote --------------------------------------------------------------
@@ -77,3 +80,146 @@ def test_force_replaces_a_complete_conversion(tiny_gemma4, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     assert (out / MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- 2. full disks and odd output paths: one line, nothing left behind -------------------------------------------
+
+def cli_convert(*args: str):
+    """(exit code, output) of `gemma-mlx convert ARGS` run through click in this process."""
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    r = CliRunner().invoke(cli, ["convert", *args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    return r.exit_code, r.output
+
+
+def refused(src: Path, out: Path, match: str, *extra: str) -> None:
+    """Convert src to out through the CLI: one `error:` line naming the problem, exit 2, out's parent unchanged."""
+    parent = next(p for p in out.parents if os.path.isdir(p))
+    before = tree(parent)
+    code, output = cli_convert(str(src), "-o", str(out), "--quiet", *extra)
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert output.startswith("error: ") and match in output, output
+    assert tree(parent) == before
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_nothing(tiny_gemma4, tmp_path, monkeypatch):
+    import errno
+
+    from gemma_mlx.convert import writer
+
+    _, src = tiny_gemma4
+    real = writer.os.pwrite
+    calls = {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    out = tmp_path / "new" / "deeper" / "out"  # parents the conversion creates, and must remove again
+    refused(src, out, "No space left on device (model.safetensors)")
+    assert calls["n"] > 5 and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(writer.os, "pwrite", real)
+    code, _ = cli_convert(str(src), "-o", str(out), "--quiet")
+    assert code == 0 and (tmp_path / "new" / "deeper").stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_really_full_disk_on_a_tiny_tmpfs(tiny_gemma4, tmp_path):
+    _, src = tiny_gemma4
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "size=256k"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        refused(src, disk / "out", "No space left on device")
+        assert list(disk.iterdir()) == []
+        statvfs = os.statvfs(disk)
+        assert statvfs.f_bfree == statvfs.f_blocks  # every block handed back: nothing left half-written
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_odd_output_paths_are_refused_before_any_work(tiny_gemma4, tmp_path):
+    _, src = tiny_gemma4
+    (tmp_path / "file").write_text("x")
+    refused(src, tmp_path / "file" / "out", "cannot create")
+    refused(src, tmp_path / "file" / "a" / "out", f"{tmp_path / 'file'} is not a directory")
+    refused(src, tmp_path / ("x" * 256), "is 256 bytes, more than the 255 the file system allows")
+    refused(src, tmp_path / "ok" / ("y" * 300) / "out", "is 300 bytes")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for force in ((), ("--force",)):
+        refused(src, fifo, "exists and is not a directory", *force)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "ok")
+    refused(src, link, "exists and is not a directory", "--force")
+    code, output = cli_convert(str(src), "-o", "/", "--quiet")
+    assert code == 2 and "cannot be an output directory" in output
+    code, output = cli_convert(str(src), "-o", str(tmp_path / "file"), "--quiet")
+    assert code == 2 and "exists and is not a directory" in output
+
+
+def test_a_name_near_the_limit_still_converts(tiny_gemma4, tmp_path):
+    """OUT's own name fits, but `.OUT.partial-PID-XXXXXXXX` would not: temporary siblings use a short hash."""
+    _, src = tiny_gemma4
+    out = tmp_path / ("m" * 250)
+    for force in ((), ("--force",)):
+        code, output = cli_convert(str(src), "-o", str(out), "--quiet", "-q", "8", *force)
+        assert code == 0, output
+    assert [p.name for p in tmp_path.iterdir()] == [out.name] and (out / MARKER).is_file()
+
+
+def test_an_unwritable_parent_is_refused(tiny_gemma4, tmp_path):
+    _, src = tiny_gemma4
+    parent = tmp_path / "ro"
+    if not _mount_tmpfs(parent, "ro,size=64k"):  # root writes through permission bits: use a read-only mount
+        parent.mkdir(exist_ok=True)
+        parent.chmod(0o555)
+    try:
+        refused(src, parent / "out", f"{parent} is not writable")
+        refused(src, parent / "a" / "b" / "out", f"{parent} is not writable")
+    finally:
+        if os.path.ismount(parent):
+            subprocess.run(["umount", str(parent)], check=True)
+        parent.chmod(0o755)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_out_follows_the_umask(tiny_gemma4, tmp_path, umask):
+    _, src = tiny_gemma4
+    old = os.umask(umask)
+    try:
+        convert(src, tmp_path / "out", bits=8, progress=False)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# -- 5. a newcomer sees a status line at once ----------------------------------------------------------------------
+
+def test_a_status_line_comes_first_and_quiet_silences_it(tiny_gemma4, tmp_path):
+    _, src = tiny_gemma4
+    code, output = cli_convert(str(src), "-o", str(tmp_path / "out"), "-q", "8")
+    assert code == 0 and output.splitlines()[0] == f"converting {src} -> {tmp_path / 'out'}: checking the checkpoint..."
+    code, output = cli_convert(str(src), "-o", str(tmp_path / "quiet"), "-q", "8", "--quiet")
+    assert code == 0 and "converting" not in output

@@ -321,3 +321,76 @@ def test_seeded_mutations_end_in_a_clear_error_or_a_good_model(bases, tmp_path):
 @pytest.mark.slow
 def test_seeded_mutation_campaign(bases, tmp_path):
     _only_clean_endings(_campaign(bases, tmp_path, 4000, seed=2026))
+
+
+# -- hypothesis-built headers ----------------------------------------------------------------------------
+
+def _header_strategy(parts):
+    """Headers of a valid file's tensors and data with hypothesis-chosen metadata values, types and counts."""
+    st = pytest.importorskip("hypothesis.strategies")
+    sizes = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+    edge = st.sampled_from((0, 1, 2, 6, 64, 511, 512, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**64 - 1))
+    anyint = st.one_of(edge, st.integers(0, 2**64 - 1))
+
+    def scalar(vtype):
+        if vtype in sizes:
+            fmt = sizes[vtype]
+            bits = struct.calcsize(fmt) * 8
+            return anyint.map(lambda v: struct.pack(fmt.upper(), v % 2**bits))
+        if vtype in (6, 12):
+            return st.floats(allow_nan=True, allow_infinity=True, width=32 if vtype == 6 else 64).map(
+                lambda v: struct.pack("<f" if vtype == 6 else "<d", v))
+        if vtype == 7:
+            return st.integers(0, 255).map(lambda v: bytes([v]))
+        return st.one_of(st.text(max_size=12).map(gstr), st.binary(max_size=12).map(gstr))
+
+    def array():
+        def body(etype):
+            items = st.lists(scalar(etype), max_size=8)
+            return st.tuples(items, st.one_of(st.none(), anyint)).map(
+                lambda t: struct.pack("<IQ", etype, len(t[0]) if t[1] is None else t[1]) + b"".join(t[0]))
+        return st.sampled_from((0, 4, 5, 6, 7, 8, 9, 10, 13, 2**32 - 1)).flatmap(body)
+
+    value = st.integers(0, 14).flatmap(lambda t: st.tuples(st.just(t), array() if t == ARRAY else scalar(t)))
+    keys = [k for k, _, _ in parts.kvs]
+    edits = st.dictionaries(st.sampled_from(keys), st.one_of(st.none(), value), max_size=6)
+    extra = st.lists(st.tuples(st.sampled_from(keys + ["general.alignment", "x"]), value), max_size=2)
+    counts = st.tuples(st.one_of(st.none(), anyint), st.one_of(st.none(), anyint), st.sampled_from((2, 3, 3, 1)))
+
+    def build(args):
+        edit, added, (n_kv, n_tensors, version) = args
+        kvs = [kv(k, *edit[k]) if edit.get(k) else kv(k, t, p) for k, t, p in parts.kvs
+               if not (k in edit and edit[k] is None)]
+        kvs += [kv(k, *v) for k, v in added]
+        return assemble(kvs, parts.infos, parts.data, version=version, n_kv=n_kv, n_tensors=n_tensors)
+
+    return st.tuples(edits, extra, counts).map(build)
+
+
+def _hypothesis_cases(bases, tmp_path: Path, n: int) -> list:
+    hypothesis = pytest.importorskip("hypothesis")
+    raws = {k: p.read_bytes() for k, p in bases.items()}
+    cases = []
+
+    @hypothesis.settings(max_examples=n, database=None, derandomize=True, deadline=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st_base=hypothesis.strategies.sampled_from(sorted(raws)), data=hypothesis.strategies.data())
+    def collect(st_base, data):
+        raw = data.draw(_header_strategy(split(raws[st_base])))
+        path = tmp_path / f"h{len(cases)}.gguf"
+        path.write_bytes(raw)
+        cases.append((f"{st_base} hypothesis #{len(cases)}", path))
+
+    collect()
+    return run_cases(cases, tmp_path)
+
+
+def test_hypothesis_headers_end_in_a_clear_error_or_a_good_model(bases, tmp_path):
+    """Metadata values, types and counts chosen by hypothesis over the valid files' keys; each case converted in
+    the bounded worker."""
+    _only_clean_endings(_hypothesis_cases(bases, tmp_path, 120))
+
+
+@pytest.mark.slow
+def test_hypothesis_header_campaign(bases, tmp_path):
+    _only_clean_endings(_hypothesis_cases(bases, tmp_path, 3000))

@@ -10,19 +10,26 @@ from gemma_mlx.errors import ConvertError
 from .quantize import DEFAULT_RECIPE, RECIPES, check_mode, check_recipe
 from .writer import DEFAULT_SHARD_SIZE, ConvertSummary, check_output
 
+AUTO_BITS = "auto"  # 4 bits; a GGUF's quantized blocks are kept as they are
+DEFAULT_BITS = 4
 
-def convert(source: str | Path, out: str | Path, *, bits: int | None = 4, group_size: int = 64,
+
+def convert(source: str | Path, out: str | Path, *, bits: int | str | None = AUTO_BITS, group_size: int = 64,
             mode: str = "affine", recipe: str | None = None, dtype: str | None = None, revision: str | None = None,
             force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True) -> ConvertSummary:
     """Convert SOURCE (a checkpoint directory, a hub repo id, or a Gemma 3/4 .gguf file) into an MLX directory OUT.
 
-    bits=None keeps every tensor in float. dtype (bfloat16, float16, float32) is that of float tensors and
-    quantization scales; None keeps the source's (float16 for GGUF, whose block scales are fp16). recipe=None
-    is the default recipe. For a GGUF, quantized blocks keep their precision (repacked exactly where MLX can
-    hold them, re-quantized finer otherwise) and bits/recipe apply to its float tensors.
+    bits=None keeps every tensor in float; "auto" is 4 bits. dtype (bfloat16, float16, float32) is that of float
+    tensors and quantization scales; None keeps the source's (float16 for GGUF, whose block scales are fp16).
+    recipe=None is the default recipe. For a GGUF under bits="auto", quantized blocks keep their precision
+    (repacked exactly where MLX can hold them, re-quantized finer otherwise) and 4 bits/recipe apply to its float
+    tensors; an explicit bits re-quantizes every matrix as for a float checkpoint.
     """
     recipe = recipe or DEFAULT_RECIPE
     check_recipe(recipe)
+    keep_gguf_blocks = bits == AUTO_BITS
+    if keep_gguf_blocks:
+        bits = DEFAULT_BITS
     if bits:
         check_mode(bits, group_size, mode)
     if shard_size < 1:
@@ -32,12 +39,13 @@ def convert(source: str | Path, out: str | Path, *, bits: int | None = 4, group_
     if str(source).endswith(".gguf"):
         from .gguf import convert_gguf
 
-        return convert_gguf(Path(source).expanduser(), Path(out), bits=bits, group_size=group_size, mode=mode,
-                            recipe=recipe, dtype=dtype, force=force, shard_size=shard_size, progress=progress)
+        return convert_gguf(Path(source).expanduser(), Path(out), bits=bits, keep_blocks=keep_gguf_blocks,
+                            group_size=group_size, mode=mode, recipe=recipe, dtype=dtype, force=force,
+                            shard_size=shard_size, progress=progress)
     from .hf import convert_hf
 
     return convert_hf(source, out, bits=bits, group_size=group_size, mode=mode, recipe=recipe, dtype=dtype,
                       revision=revision, force=force, shard_size=shard_size, progress=progress)
 
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "ConvertSummary", "convert"]
+__all__ = ["AUTO_BITS", "DEFAULT_RECIPE", "RECIPES", "ConvertSummary", "convert"]

@@ -24,8 +24,10 @@ def _size(_ctx, _param, value):
 @click.command("convert")
 @click.argument("source")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (must not exist, or --force).")
-@click.option("-q", "--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "none"]), default="4",
-              show_default=True, help="Quantization bits ('none' keeps every tensor in --dtype).")
+@click.option("-q", "--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "none", "auto"]), default="auto",
+              show_default=True, help="Quantization bits ('none' keeps every tensor in --dtype; 'auto' is 4, and "
+                                      "keeps a GGUF's quantized blocks as they are, where a number re-quantizes "
+                                      "them).")
 @click.option("--group-size", type=click.Choice(["16", "32", "64", "128"]), default="64", show_default=True,
               help="Weights per quantization group (16 is nvfp4's).")
 @click.option("--mode", type=click.Choice(list(MODE_RULES)), default="affine", show_default=True)
@@ -51,7 +53,7 @@ def convert_command(source, out, bits, group_size, mode, recipe, dtype, revision
         click.echo(f"converting {source} -> {out}: checking the checkpoint...", err=True)
     from . import convert
 
-    summary = convert(source, out, bits=None if bits == "none" else int(bits), group_size=int(group_size),
-                      mode=mode, recipe=recipe, dtype=dtype, revision=revision, force=force, shard_size=shard_size,
-                      progress=not quiet)
+    bits = None if bits == "none" else bits if bits == "auto" else int(bits)
+    summary = convert(source, out, bits=bits, group_size=int(group_size), mode=mode, recipe=recipe, dtype=dtype,
+                      revision=revision, force=force, shard_size=shard_size, progress=not quiet)
     click.echo(str(summary))

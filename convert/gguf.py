@@ -60,7 +60,7 @@ from gemma_mlx.errors import ConfigError, ConvertError
 from gemma_mlx.weights import parse_dtype
 
 from .hf import expected_shapes
-from .quantize import QuantSpec, check_recipe
+from .quantize import QuantSpec, check_recipe, quant_spec
 from .writer import ConvertSummary, Source, atomic_output, write_model
 
 ARCHITECTURES = ("gemma3", "gemma4")
@@ -653,7 +653,27 @@ def _release(g: GGUFFile, offset: int, length: int) -> None:
             pass
 
 
-def tensor_source(g: GGUFFile, t: GGUFTensor, key: str, *, quantized_ok: bool, norm_shift: float) -> Source:
+def write_spec(t: GGUFTensor, key: str, layers: int, *, bits: int | None, keep_blocks: bool, group_size: int,
+               mode: str, recipe: str) -> tuple[QuantSpec | None, bool]:
+    """(spec, repacked): how t is written (None: in float), and whether its blocks are repacked as they are.
+
+    Kept blocks (bits "auto") are repacked where MLX holds them exactly, else re-quantized finer; an explicit
+    bits treats every matrix as a float checkpoint's (the recipe decides), repacking only where that gives the
+    very spec asked for."""
+    kind = t.tensor_type.name
+    if bits is None:
+        return None, False
+    quantized = kind not in FLOAT_TYPES
+    if keep_blocks and quantized:
+        if kind in REPACKED:
+            return QuantSpec(REPACK_BITS[kind], 32), True
+        return (requantize_spec(kind) if t.shape[1] % 32 == 0 else None), False
+    spec = quant_spec(key, t.shape, layers, bits, group_size, mode, recipe)
+    return spec, quantized and kind in REPACKED and spec == QuantSpec(REPACK_BITS[kind], 32)
+
+
+def tensor_source(g: GGUFFile, t: GGUFTensor, key: str, spec: QuantSpec | None, repacked: bool,
+                  norm_shift: float) -> Source:
     """The writer's reader of t's rows: repacked blocks, or float rows (dequantized, norm shift undone)."""
     from gguf.quants import dequantize
 
@@ -668,9 +688,9 @@ def tensor_source(g: GGUFFile, t: GGUFTensor, key: str, *, quantized_ok: bool, n
         _release(g, t.data_offset + r0 * per_row, (r1 - r0) * per_row)
         return block
 
-    if quantized_ok and kind in REPACKED:
+    if repacked:
         return Source(key, shape, t.n_bytes, lambda r0, r1: repack(kind, raw_rows(r0, r1), r1 - r0, shape[1]),
-                      packed=QuantSpec(REPACK_BITS[kind], 32))
+                      packed=spec)
 
     def read(r0: int, r1: int) -> mx.array:
         block = raw_rows(r0, r1)
@@ -682,10 +702,27 @@ def tensor_source(g: GGUFFile, t: GGUFTensor, key: str, *, quantized_ok: bool, n
             value = mx.array(dequantize(block, t.tensor_type).reshape((r1 - r0, *shape[1:])))
         return value - norm_shift if norm_shift else value
 
-    requant = None
-    if quantized_ok and kind not in FLOAT_TYPES and shape[1] % 32 == 0:
-        requant = requantize_spec(kind)
-    return Source(key, shape, t.n_bytes, read, requantize=requant)
+    return Source(key, shape, t.n_bytes, read, requantize=spec)
+
+
+def card_settings(decided: list[tuple[GGUFTensor, QuantSpec | None, bool]], *, bits: int | None,
+                  keep_blocks: bool, group_size: int, mode: str, recipe: str, dtype: str) -> str:
+    """The model card's quantization line: the rule applied, then what became of each GGUF tensor type."""
+    if bits is None:
+        head = f"none: every tensor dequantized to {dtype}"
+    elif keep_blocks:
+        head = (f"auto: the GGUF's quantized blocks kept (repacked exactly where MLX holds them, else re-quantized "
+                f"finer), its float matrices at {bits}-bit {mode}, group {group_size}, recipe {recipe}")
+    else:
+        head = (f"{bits}-bit {mode}, group {group_size}, recipe {recipe}: every matrix re-quantized from the GGUF "
+                "(blocks already at exactly that precision repacked)")
+    outcomes: dict[str, int] = {}
+    for t, spec, repacked in decided:
+        done = (f"{dtype}" if spec is None else f"{spec.bits}-bit {spec.mode} g{spec.group_size}"
+                + (" (repacked exactly)" if repacked else ""))
+        label = f"{t.tensor_type.name} -> {done}"
+        outcomes[label] = outcomes.get(label, 0) + 1
+    return head + "; tensors by GGUF type: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
 
 
 def _check_tensors(g: GGUFFile, arch: str, config) -> list[tuple[GGUFTensor, str]]:
@@ -773,8 +810,8 @@ def write_tokenizer(g: GGUFFile, out: Path, arch: str, raw: dict) -> str | None:
     return note
 
 
-def convert_gguf(source: Path, out: Path, *, bits: int | None, group_size: int, mode: str, recipe: str,
-                 dtype: str | None, force: bool, shard_size: int, progress: bool) -> ConvertSummary:
+def convert_gguf(source: Path, out: Path, *, bits: int | None, keep_blocks: bool, group_size: int, mode: str,
+                 recipe: str, dtype: str | None, force: bool, shard_size: int, progress: bool) -> ConvertSummary:
     """Convert a Gemma 3 / Gemma 4 GGUF file into an MLX model directory at out."""
     try:
         import gguf  # noqa: F401
@@ -810,18 +847,16 @@ def convert_gguf(source: Path, out: Path, *, bits: int | None, group_size: int, 
                            f"has {raw['vocab_size']} rows (llama.cpp needs them equal)")
     # GGUF scales are fp16: float16 keeps Q4_0 ... Q8_0 exact (bfloat16 would round them).
     target = parse_dtype(dtype or "float16")
-    quantized_ok = bits is not None
     shift = 1.0 if arch == "gemma3" else 0.0
-    sources = [tensor_source(g, t, key, quantized_ok=quantized_ok,
-                             norm_shift=shift if key.endswith("norm.weight") else 0.0)
-               for t, key in chosen]
-    types = sorted({t.tensor_type.name for t, _ in chosen})
+    options = {"bits": bits, "keep_blocks": keep_blocks, "group_size": group_size, "mode": mode, "recipe": recipe}
+    decided = [(t, key, *write_spec(t, key, config.text.num_hidden_layers, **options)) for t, key in chosen]
+    sources = [tensor_source(g, t, key, spec, repacked, shift if key.endswith("norm.weight") else 0.0)
+               for t, key, spec, repacked in decided]
+    settings = card_settings([(t, spec, repacked) for t, _, spec, repacked in decided], **options,
+                             dtype=dtype or "float16")
 
     def fill(tmp: Path) -> dict:
         note = write_tokenizer(g, tmp, arch, raw)
-        settings = (f"GGUF blocks ({', '.join(types)}) repacked where MLX holds them exactly, others "
-                    f"re-quantized finer; float tensors: {bits}-bit {mode}, group {group_size}, recipe {recipe}"
-                    if bits else "none: every tensor dequantized to float")
         card = {"name": source.stem, "source": source.name, "format": f"GGUF, {arch}", "settings": settings,
                 "note": note}
         return write_model(tmp, sources, config, raw, bits=bits, group_size=group_size, mode=mode, recipe=recipe,

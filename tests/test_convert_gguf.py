@@ -306,7 +306,7 @@ def test_qat_q4_0_layout(gemma4_gguf, tmp_path):
 def test_quantized_gemma4_gguf_keeps_its_blocks(gemma4_gguf, tmp_path, qtype):
     hf, _ = gemma4_gguf
     src = write_gemma4_gguf(tmp_path / "q.gguf", hf, lambda name, v: qtype)
-    convert(src, tmp_path / "out", bits=4, dtype="float32", progress=False)
+    convert(src, tmp_path / "out", dtype="float32", progress=False)  # bits "auto": blocks kept
     block = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
     bits = {T.Q8_0: 8, T.Q4_0: 4, T.Q5_1: 5}[qtype]
     assert block == {"group_size": 32, "bits": bits, "mode": "affine"}  # every matrix, the embedding too
@@ -370,7 +370,7 @@ def test_mixed_block_types_repack_or_requantize_within_their_bound(wide_gemma3, 
             raw[gname] = (kind, _random_k_blocks(kind, *value.shape, rng) if kind.name.endswith("_K")
                           else quantize(value, kind))
     src = write_gemma3_gguf(tmp_path / "mix.gguf", wide_gemma3, raw=raw)
-    convert(src, tmp_path / "out", bits=4, dtype="float32", progress=False)
+    convert(src, tmp_path / "out", dtype="float32", progress=False)  # bits "auto": blocks kept
     block = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
     out = {}
     for f in (tmp_path / "out").glob("*.safetensors"):

@@ -42,9 +42,24 @@ def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype:
         return name
     table = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
              "float16": mx.float16, "fp16": mx.float16}
-    if name not in table:
-        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16")
+    if not isinstance(name, str) or name not in table:
+        raise InputError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16")
     return table[name]
+
+
+# Measured on the tiny model (tests/test_config_hardening.py): once the residual stream peaks past float16's
+# largest value, 65504, float16 turns it into inf and every logit into NaN, while bfloat16 and float32 (8 exponent
+# bits) stay finite; trained Gemma checkpoints carry residual activations of that size, random tiny ones do not.
+FLOAT16_REFUSAL = ("float16 cannot compute Gemma: its residual stream grows past float16's largest value (65504), "
+                   "which makes every logit NaN; use bfloat16 (same memory) or float32")
+
+
+def compute_dtype(name: str | mx.Dtype | None) -> mx.Dtype:
+    """The dtype a model computes in: parse_dtype's, with float16 refused (it overflows on Gemma)."""
+    dtype = parse_dtype(name)
+    if dtype == mx.float16:
+        raise InputError(FLOAT16_REFUSAL)
+    return dtype
 
 
 # -- locating a checkpoint ---------------------------------------------------------------------------
@@ -318,15 +333,19 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], dtype: mx.
 def load_model(model: str | os.PathLike, *, dtype: str | mx.Dtype | None = None, revision: str | None = None,
                vision_mask: str | None = None, lazy: bool = False):
     """(Model, model directory) for a local checkpoint directory or a hub repo id."""
-    from .model.masks import VISION_BIDIRECTIONAL_SLIDING
+    from .model.masks import VISION_BIDIRECTIONAL_SLIDING, VISION_MASK_MODES
     from .model.multimodal import Model
 
+    compute = compute_dtype(dtype)  # before any download or read
+    if vision_mask is not None and vision_mask not in VISION_MASK_MODES:
+        raise InputError(f"vision_mask must be one of {', '.join(VISION_MASK_MODES)}, got {vision_mask!r}")
     model_dir = resolve_model_path(model, revision)
     if model_dir.is_file():
         raise WeightsError(f"{model_dir} is a file; pass the model directory (convert .gguf files first with "
                            "`gemma-mlx convert`)")
+    if not model_dir.is_dir():
+        raise WeightsError(f"{model_dir} is not a model directory")
     config = load_config(model_dir)
-    compute = parse_dtype(dtype)
     weights = canonical_weights(load_raw_weights(model_dir), config)
     net = Model(config, vision_mask=vision_mask or VISION_BIDIRECTIONAL_SLIDING)
     apply_quantization(net, weights, config)

@@ -9,7 +9,6 @@ another Gemma size (mlx-lm's E2B defaults build layers the 12B does not have).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .jsonfile import read_json, regular_file
 
 GEMMA4_UNIFIED = "gemma4_unified"
 GEMMA3_TEXT = "gemma3_text"
@@ -34,6 +34,8 @@ class RopeSpec:
     theta: float
     partial_rotary_factor: float = 1.0
     factor: float = 1.0
+
+    KINDS = ("default", "linear", "proportional")
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies (head_dim // 2,) float32, zero for the dims that pass through unrotated."""
@@ -158,57 +160,168 @@ TOKEN_ID_KEYS = {
 }
 
 
-def _require(d: dict, key: str, where: str) -> Any:
-    if key not in d or d[key] is None:
-        raise ConfigError(f"config.json: required field {where}{key} is missing")
-    return d[key]
+# Bounds a real checkpoint sits far inside (the 12B: vocab 262 144, hidden 3840, 48 layers, 16 heads of up to 512
+# dims, window 1024, 262 144 positions). What lies outside cannot be a real model, and some of it costs memory
+# before any weight is read (the sliding window sizes every ring cache), so it is refused by name.
+MAX_VOCAB = 1 << 22
+MAX_WIDTH = 1 << 16          # hidden_size, mm_embed_dim, output_proj_dims
+MAX_INTERMEDIATE = 1 << 18
+MAX_LAYERS = 512
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_SLIDING_WINDOW = 1 << 15
+MAX_POSITIONS = 1 << 22
+MAX_ROPE_THETA = 1e12
+MAX_ROPE_FACTOR = 1e4
+MAX_SOFTCAP = 1e4
+MAX_EOS_IDS = 64
+QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (16, 32, 64, 128)
+
+_REQUIRED = object()
 
 
-def _positive_int(d: dict, key: str, where: str) -> int:
-    value = _require(d, key, where)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"config.json: {where}{key} must be a positive integer, got {value!r}")
+def _show(value: Any) -> str:
+    """A value as an error message quotes it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _get(d: dict, key: str, where: str, default: Any, file: str = "config.json") -> Any:
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{file}: required field {where}{key} is missing")
+        return default
     return value
 
 
+def _require(d: dict, key: str, where: str) -> Any:
+    return _get(d, key, where, _REQUIRED)
+
+
+def _int(d: dict, key: str, where: str, lo: int, hi: int, default: Any = _REQUIRED, file: str = "config.json") -> Any:
+    """d[key] as an int in [lo, hi] (bools and strings refused), or default when absent or null."""
+    value = _get(d, key, where, default, file)
+    if value is default and default is not _REQUIRED:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{file}: {where}{key} must be an integer, got {_show(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{file}: {where}{key}={_show(value)} is outside [{lo}, {hi}]")
+    return value
+
+
+def _positive_int(d: dict, key: str, where: str, hi: int = MAX_WIDTH) -> int:
+    return _int(d, key, where, 1, hi)
+
+
+def _float(d: dict, key: str, where: str, lo: float, hi: float, default: Any = _REQUIRED,
+           lo_inclusive: bool = False, file: str = "config.json") -> Any:
+    """d[key] as a finite float in (lo, hi] ([lo, hi] if lo_inclusive), or default when absent or null."""
+    value = _get(d, key, where, default, file)
+    if value is default and default is not _REQUIRED:
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{file}: {where}{key} must be a number, got {_show(value)}")
+    value = float(value)
+    low_ok = value >= lo if lo_inclusive else value > lo
+    if not (math.isfinite(value) and low_ok and value <= hi):
+        interval = f"{'[' if lo_inclusive else '('}{lo:g}, {hi:g}]"
+        raise ConfigError(f"{file}: {where}{key}={_show(value)} is outside {interval}")
+    return value
+
+
+def _bool(d: dict, key: str, where: str, default: bool, file: str = "config.json") -> bool:
+    value = _get(d, key, where, default, file)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{file}: {where}{key} must be true or false, got {_show(value)}")
+    return value
+
+
+def _choice(d: dict, key: str, where: str, choices: tuple, default: Any, what: str = "") -> Any:
+    value = _get(d, key, where, default)
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"config.json: {where}{key} {_show(value)} is not supported{what} "
+                          f"(supported: {', '.join(map(str, choices))})")
+    return value
+
+
+def _object(d: dict, key: str, where: str, default: Any = None) -> Any:
+    """d[key] if it is a JSON object, default when absent or null."""
+    value = _get(d, key, where, default)
+    if value is not default and not isinstance(value, dict):
+        raise ConfigError(f"config.json: {where}{key} must be a JSON object, got {_show(value)}")
+    return value
+
+
+def _token_id(value: Any, field_name: str, vocab_size: int, file: str = "config.json") -> int:
+    """value as a token id of the vocabulary, or a ConfigError naming file, field and value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{file}: {field_name} must be an integer token id, got {_show(value)}")
+    if not 0 <= value < vocab_size:
+        raise ConfigError(f"{file}: {field_name}={value} is outside the vocabulary (size {vocab_size})")
+    return value
+
+
+def token_ids(value: Any, field_name: str, vocab_size: int, file: str = "config.json") -> tuple[int, ...]:
+    """A token id or list of ids (as EOS and suppress_tokens are written) checked against the vocabulary."""
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        if len(value) > vocab_size:
+            raise ConfigError(f"{file}: {field_name} lists {len(value)} ids for a vocabulary of {vocab_size}")
+        return tuple(_token_id(v, f"{field_name}[{i}]", vocab_size, file) for i, v in enumerate(value))
+    return (_token_id(value, field_name, vocab_size, file),)
+
+
+def _rope_spec(p: Any, where: str, default_theta: float | None = None) -> RopeSpec:
+    if not isinstance(p, dict):
+        raise ConfigError(f"config.json: {where[:-1]} must be a JSON object, got {_show(p)}")
+    theta = _float(p, "rope_theta", where, 0.0, MAX_ROPE_THETA,
+                   _REQUIRED if default_theta is None else default_theta)
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind not in RopeSpec.KINDS:
+        raise ConfigError(f"config.json: {where}rope_type {_show(kind)} is not supported "
+                          f"(supported: {', '.join(RopeSpec.KINDS)})")
+    return RopeSpec(kind=kind, theta=theta,
+                    partial_rotary_factor=_float(p, "partial_rotary_factor", where, 0.0, 1.0, 1.0),
+                    factor=_float(p, "factor", where, 0.0, MAX_ROPE_FACTOR, 1.0))
+
+
 def _rope_specs(text: dict, model_type: str, where: str) -> dict[str, RopeSpec]:
-    params = text.get("rope_parameters")
+    params = _object(text, "rope_parameters", where)
     if isinstance(params, dict) and all(t in params for t in LAYER_TYPES):
-        specs = {}
-        for layer_type in LAYER_TYPES:
-            p = params[layer_type]
-            specs[layer_type] = RopeSpec(
-                kind=p.get("rope_type", "default"),
-                theta=float(_require(p, "rope_theta", f"{where}rope_parameters.{layer_type}.")),
-                partial_rotary_factor=float(p.get("partial_rotary_factor", 1.0)),
-                factor=float(p.get("factor", 1.0)),
-            )
-        return specs
+        return {t: _rope_spec(params[t], f"{where}rope_parameters.{t}.") for t in LAYER_TYPES}
     if model_type == GEMMA3_TEXT:
         # Published Gemma 3 configs: rope_theta (global), rope_local_base_freq (sliding), rope_scaling (global).
-        scaling = text.get("rope_scaling") or {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        return {
-            "full_attention": RopeSpec(kind, float(text.get("rope_theta", 1_000_000.0)),
-                                       factor=float(scaling.get("factor", 1.0))),
-            "sliding_attention": RopeSpec("default", float(text.get("rope_local_base_freq", 10_000.0))),
-        }
+        scaling = dict(_object(text, "rope_scaling", where, {}))
+        scaling["rope_theta"] = _float(text, "rope_theta", where, 0.0, MAX_ROPE_THETA, 1_000_000.0)
+        local = _float(text, "rope_local_base_freq", where, 0.0, MAX_ROPE_THETA, 10_000.0)
+        full = _rope_spec(scaling, f"{where}rope_scaling.")
+        return {"full_attention": RopeSpec(full.kind, full.theta, factor=full.factor),
+                "sliding_attention": RopeSpec("default", local)}
     raise ConfigError(f"config.json: {where}rope_parameters must give 'sliding_attention' and 'full_attention'")
 
 
 def _layer_types(text: dict, where: str) -> list[str]:
-    n = _positive_int(text, "num_hidden_layers", where)
+    n = _positive_int(text, "num_hidden_layers", where, MAX_LAYERS)
     types = text.get("layer_types")
     if types is None:
-        pattern = text.get("sliding_window_pattern") or text.get("_sliding_window_pattern")
-        if pattern is None:
+        pattern = text.get("sliding_window_pattern")
+        key = "sliding_window_pattern" if pattern is not None else "_sliding_window_pattern"
+        if text.get(key) is None:
             raise ConfigError(f"config.json: {where}layer_types is missing (and no sliding_window_pattern)")
+        pattern = _int(text, key, where, 1, MAX_LAYERS)
         types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    if not isinstance(types, list):
+        raise ConfigError(f"config.json: {where}layer_types must be a list, got {_show(types)}")
     if len(types) != n:
         raise ConfigError(f"config.json: {where}layer_types has {len(types)} entries but num_hidden_layers is {n}")
     for t in types:
-        if t not in LAYER_TYPES:
-            raise ConfigError(f"config.json: {where}layer_types contains unknown type {t!r}")
+        if not isinstance(t, str) or t not in LAYER_TYPES:
+            raise ConfigError(f"config.json: {where}layer_types contains unknown type {_show(t)}")
     return list(types)
 
 
@@ -233,58 +346,68 @@ def _kv_sources(layer_types: list[str], num_shared: int, where: str) -> list[int
     return sources
 
 
+def _layer_overrides(text: dict, types: list[str], k_eq_v: bool, where: str) -> dict[int, dict]:
+    """Per-layer head_dim / num_key_value_heads, from per_layer_config or the published global_* keys."""
+    overrides: dict[int, dict] = {}
+    per_layer = _object(text, "per_layer_config", where)
+    if per_layer is not None:
+        for key, value in per_layer.items():
+            try:
+                i = int(key)
+            except ValueError:
+                raise ConfigError(f"config.json: {where}per_layer_config key {_show(key)} is not a layer "
+                                  "number") from None
+            if not 0 <= i < len(types):
+                raise ConfigError(f"config.json: {where}per_layer_config names layer {i}, outside "
+                                  f"0..{len(types) - 1}")
+            here = f"{where}per_layer_config.{key}."
+            if not isinstance(value, dict):
+                raise ConfigError(f"config.json: {here[:-1]} must be a JSON object, got {_show(value)}")
+            overrides[i] = {k: _int(value, k, here, 1, hi, None) for k, hi in
+                            (("head_dim", MAX_HEAD_DIM), ("num_key_value_heads", MAX_HEADS))}
+        return overrides
+    # Published form: global_* keys describe every full-attention layer.
+    g_dim = _int(text, "global_head_dim", where, 1, MAX_HEAD_DIM, None)
+    g_kv = _int(text, "num_global_key_value_heads", where, 1, MAX_HEADS, None)
+    for i, t in enumerate(types):
+        if t == "full_attention":
+            overrides[i] = {"head_dim": g_dim, "num_key_value_heads": g_kv if k_eq_v else None}
+    return overrides
+
+
 def parse_text_config(text: dict, model_type: str, where: str = "text_config.") -> TextConfig:
     """TextConfig from the text part of config.json (the text_config dict, or the whole file for gemma3_text)."""
     hidden = _positive_int(text, "hidden_size", where)
-    heads = _positive_int(text, "num_attention_heads", where)
-    intermediate = _positive_int(text, "intermediate_size", where)
-    vocab = _positive_int(text, "vocab_size", where)
-    head_dim = _positive_int(text, "head_dim", where)
-    kv_heads = _positive_int(text, "num_key_value_heads", where)
-    window = _positive_int(text, "sliding_window", where)
+    heads = _positive_int(text, "num_attention_heads", where, MAX_HEADS)
+    intermediate = _positive_int(text, "intermediate_size", where, MAX_INTERMEDIATE)
+    vocab = _positive_int(text, "vocab_size", where, MAX_VOCAB)
+    head_dim = _positive_int(text, "head_dim", where, MAX_HEAD_DIM)
+    kv_heads = _positive_int(text, "num_key_value_heads", where, MAX_HEADS)
+    window = _positive_int(text, "sliding_window", where, MAX_SLIDING_WINDOW)
+    positions = _int(text, "max_position_embeddings", where, 1, MAX_POSITIONS, 131072)
     activation = text.get("hidden_activation", text.get("hidden_act", "gelu_pytorch_tanh"))
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise ConfigError(f"config.json: {where}hidden_activation {activation!r} is not supported")
+    if not isinstance(activation, str) or activation not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"config.json: {where}hidden_activation {_show(activation)} is not supported")
     types = _layer_types(text, where)
     ropes = _rope_specs(text, model_type, where)
     gemma4 = model_type == GEMMA4_UNIFIED
-    k_eq_v = bool(text.get("attention_k_eq_v", False)) if gemma4 else False
-    if text.get("attention_bias"):
+    k_eq_v = _bool(text, "attention_k_eq_v", where, False) and gemma4
+    if _bool(text, "attention_bias", where, False):
         raise ConfigError(f"config.json: {where}attention_bias=true is not supported by Gemma")
-    if gemma4 and text.get("hidden_size_per_layer_input"):
+    if gemma4 and _int(text, "hidden_size_per_layer_input", where, 0, MAX_WIDTH, 0):
         raise ConfigError(f"config.json: {where}hidden_size_per_layer_input (per-layer embeddings) is not supported")
-    if gemma4 and text.get("enable_moe_block"):
+    if gemma4 and _bool(text, "enable_moe_block", where, False):
         raise ConfigError(f"config.json: {where}enable_moe_block is not supported")
 
-    overrides: dict[int, dict] = {}
-    if gemma4:
-        per_layer = text.get("per_layer_config")
-        if per_layer is not None:
-            overrides = {int(k): v for k, v in per_layer.items()}
-        else:
-            # Published form: global_* keys describe every full-attention layer.
-            g_dim = text.get("global_head_dim")
-            g_kv = text.get("num_global_key_value_heads")
-            for i, t in enumerate(types):
-                if t == "full_attention":
-                    o = {}
-                    if g_dim is not None:
-                        o["head_dim"] = g_dim
-                    if g_kv is not None and k_eq_v:
-                        o["num_key_value_heads"] = g_kv
-                    overrides[i] = o
-        for i in overrides:
-            if not 0 <= i < len(types):
-                raise ConfigError(f"config.json: {where}per_layer_config names layer {i}, outside 0..{len(types) - 1}")
-
-    num_shared = int(text.get("num_kv_shared_layers", 0) or 0)
+    overrides = _layer_overrides(text, types, k_eq_v, where) if gemma4 else {}
+    num_shared = _int(text, "num_kv_shared_layers", where, 0, MAX_LAYERS, 0)
     sources = _kv_sources(types, num_shared, where)
-    double_wide = bool(text.get("use_double_wide_mlp", False))
+    double_wide = _bool(text, "use_double_wide_mlp", where, False)
     layers = []
     for i, t in enumerate(types):
         o = overrides.get(i, {})
-        d = int(o.get("head_dim", head_dim))
-        kv = int(o.get("num_key_value_heads", kv_heads))
+        d = o.get("head_dim") or head_dim
+        kv = o.get("num_key_value_heads") or kv_heads
         if heads % kv:
             raise ConfigError(f"config.json: layer {i}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv}")
@@ -302,23 +425,59 @@ def parse_text_config(text: dict, model_type: str, where: str = "text_config.") 
             if (src.head_dim, src.num_kv_heads) != (layer.head_dim, layer.num_kv_heads):
                 raise ConfigError(f"config.json: layer {i} shares KV with layer {layer.kv_source} of another shape")
 
-    softcap = text.get("final_logit_softcapping")
-    if not gemma4 and text.get("attn_logit_softcapping"):
+    # 0 or null means no softcapping, as in transformers.
+    softcap = _float(text, "final_logit_softcapping", where, 0.0, MAX_SOFTCAP, None, lo_inclusive=True) or None
+    if not gemma4 and _float(text, "attn_logit_softcapping", where, 0.0, MAX_SOFTCAP, None, lo_inclusive=True):
         raise ConfigError(f"config.json: {where}attn_logit_softcapping is not supported")
     if gemma4:
         family = dict(norm_offset=0.0, attention_scale=1.0, use_v_norm=True, use_layer_scalar=True)
     else:
-        scalar = float(_require(text, "query_pre_attn_scalar", where))
+        scalar = _float(text, "query_pre_attn_scalar", where, 0.0, 1e6)
         family = dict(norm_offset=1.0, attention_scale=scalar**-0.5, use_v_norm=False, use_layer_scalar=False)
+    pad = _get(text, "pad_token_id", where, 0)
     return TextConfig(
         vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, sliding_window=window,
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), layers=tuple(layers),
-        final_logit_softcapping=float(softcap) if softcap else None,
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
-        max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
-        pad_token_id=int(text.get("pad_token_id", 0) if text.get("pad_token_id") is not None else 0),
+        rms_norm_eps=_float(text, "rms_norm_eps", where, 0.0, 1.0, 1e-6), layers=tuple(layers),
+        final_logit_softcapping=softcap,
+        tie_word_embeddings=_bool(text, "tie_word_embeddings", where, True),
+        max_position_embeddings=positions,
+        pad_token_id=_token_id(pad, f"{where}pad_token_id", vocab),
         **family,
     )
+
+
+def _quantization(cfg: dict) -> dict | None:
+    """The quantization block (MLX's ``quantization``, else ``quantization_config``), its values checked."""
+    key = "quantization" if cfg.get("quantization") is not None else "quantization_config"
+    quant = _object(cfg, key, "")
+    if not quant:
+        return quant or None
+    specs = [(key, quant)] + [(f"{key}.{path}", v) for path, v in quant.items() if isinstance(v, dict)]
+    for where, spec in specs:
+        for name, allowed in (("group_size", QUANT_GROUP_SIZES), ("bits", QUANT_BITS)):
+            value = _int(spec, name, f"{where}.", 1, 1 << 16, None)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"config.json: {where}.{name}={value} is not one of {', '.join(map(str, allowed))}")
+        if spec.get("mode") is not None:
+            _choice(spec, "mode", f"{where}.", QUANT_MODES, None)
+    return quant
+
+
+def _eos_ids(cfg: dict, text: dict, where: str, vocab: int) -> tuple[int, ...]:
+    """EOS ids of the file (top level first, as transformers reads them), every spelling present checked."""
+    inner = token_ids(text.get("eos_token_id", 1), f"{where}eos_token_id", vocab)
+    eos = token_ids(cfg["eos_token_id"], "eos_token_id", vocab) if "eos_token_id" in cfg else inner
+    if len(eos) > MAX_EOS_IDS:
+        raise ConfigError(f"config.json: eos_token_id lists {len(eos)} ids (at most {MAX_EOS_IDS})")
+    return eos
+
+
+def _bos_id(cfg: dict, text: dict, where: str, vocab: int) -> int | None:
+    """The BOS id (text_config's first, as transformers reads it); every spelling present is checked."""
+    found = [_token_id(d[k], name, vocab) for d, k, name in ((text, "bos_token_id", f"{where}bos_token_id"),
+                                                            (cfg, "bos_token_id", "bos_token_id"))
+             if d is not None and d.get(k) is not None]
+    return found[0] if found else None
 
 
 def parse_config(cfg: dict) -> ModelConfig:
@@ -326,39 +485,43 @@ def parse_config(cfg: dict) -> ModelConfig:
     if not isinstance(cfg, dict):
         raise ConfigError("config.json must hold a JSON object")
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         hint = " (text-only Gemma 3 checkpoints: model_type gemma3_text)" if model_type == "gemma3" else ""
-        raise ConfigError(f"config.json: unsupported model_type {model_type!r}; gemma-mlx runs "
+        raise ConfigError(f"config.json: unsupported model_type {_show(model_type)}; gemma-mlx runs "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}{hint}")
-    quant = cfg.get("quantization") or cfg.get("quantization_config")
+    quant = _quantization(cfg)
     if model_type == GEMMA3_TEXT:
         text = parse_text_config(cfg, model_type, where="")
-        eos = cfg.get("eos_token_id", 1)
-        return ModelConfig(model_type=model_type, text=text, eos_token_ids=_as_tuple(eos),
-                           bos_token_id=cfg.get("bos_token_id"), quantization=quant, raw=cfg)
+        vocab = text.vocab_size
+        return ModelConfig(model_type=model_type, text=text, eos_token_ids=_eos_ids(cfg, {}, "", vocab),
+                           bos_token_id=_bos_id(cfg, None, "", vocab), quantization=quant, raw=cfg)
 
     text_dict = _require(cfg, "text_config", "")
+    if not isinstance(text_dict, dict):
+        raise ConfigError(f"config.json: text_config must be a JSON object, got {_show(text_dict)}")
     text = parse_text_config(text_dict, model_type)
+    vocab = text.vocab_size
     vision = None
-    if cfg.get("vision_config") is not None:
-        v = cfg["vision_config"]
+    v = _object(cfg, "vision_config", "")
+    if v is not None:
+        w = "vision_config."
         vision = VisionConfig(
-            patch_size=_positive_int(v, "patch_size", "vision_config."),
-            pooling_kernel_size=_positive_int(v, "pooling_kernel_size", "vision_config."),
-            mm_embed_dim=_positive_int(v, "mm_embed_dim", "vision_config."),
-            mm_posemb_size=_positive_int(v, "mm_posemb_size", "vision_config."),
-            output_proj_dims=int(v.get("output_proj_dims", text.hidden_size)),
-            rms_norm_eps=float(v.get("rms_norm_eps", 1e-6)),
-            num_soft_tokens=int(v.get("num_soft_tokens", 280)),
+            patch_size=_positive_int(v, "patch_size", w, 64),
+            pooling_kernel_size=_positive_int(v, "pooling_kernel_size", w, 16),
+            mm_embed_dim=_positive_int(v, "mm_embed_dim", w),
+            mm_posemb_size=_positive_int(v, "mm_posemb_size", w, 1 << 16),
+            output_proj_dims=_int(v, "output_proj_dims", w, 1, MAX_WIDTH, text.hidden_size),
+            rms_norm_eps=_float(v, "rms_norm_eps", w, 0.0, 1.0, 1e-6),
+            num_soft_tokens=_int(v, "num_soft_tokens", w, 1, 1 << 16, 280),
         )
     audio = None
-    if cfg.get("audio_config") is not None:
-        a = cfg["audio_config"]
+    a = _object(cfg, "audio_config", "")
+    if a is not None:
         audio = AudioConfig(
-            audio_embed_dim=_positive_int(a, "audio_embed_dim", "audio_config."),
-            rms_norm_eps=float(a.get("rms_norm_eps", 1e-6)),
+            audio_embed_dim=_positive_int(a, "audio_embed_dim", "audio_config.", 1 << 14),
+            rms_norm_eps=_float(a, "rms_norm_eps", "audio_config.", 0.0, 1.0, 1e-6),
         )
-    token_ids = {}
+    ids = {}
     for name, key in TOKEN_ID_KEYS.items():
         needed = (name in ("image", "video", "boi", "eoi") and vision is not None) or (
             name in ("audio", "boa", "eoa") and audio is not None)
@@ -367,38 +530,77 @@ def parse_config(cfg: dict) -> ModelConfig:
             if needed:
                 raise ConfigError(f"config.json: required field {key} is missing")
             continue
-        if not 0 <= int(value) < text.vocab_size:
-            raise ConfigError(f"config.json: {key}={value} is outside the vocabulary (size {text.vocab_size})")
-        token_ids[name] = int(value)
+        ids[name] = _token_id(value, key, vocab)
+    if cfg.get("pad_token_id") is not None:
+        _token_id(cfg["pad_token_id"], "pad_token_id", vocab)
     bidir = text_dict.get("use_bidirectional_attention")
-    if bidir == "all":
+    if bidir not in (None, False, "vision", "all", True):
+        raise ConfigError(f"config.json: text_config.use_bidirectional_attention {_show(bidir)} is not supported "
+                          "(null or 'vision')")
+    if bidir in ("all", True):
         raise ConfigError("config.json: use_bidirectional_attention='all' (encoder-style Gemma) is not supported")
-    eos = cfg.get("eos_token_id", text_dict.get("eos_token_id", 1))
     return ModelConfig(
-        model_type=model_type, text=text, vision=vision, audio=audio, token_ids=token_ids,
-        bidirectional_vision=bidir == "vision", eos_token_ids=_as_tuple(eos),
-        bos_token_id=text_dict.get("bos_token_id", cfg.get("bos_token_id")), quantization=quant, raw=cfg,
+        model_type=model_type, text=text, vision=vision, audio=audio, token_ids=ids,
+        bidirectional_vision=bidir == "vision", eos_token_ids=_eos_ids(cfg, text_dict, "text_config.", vocab),
+        bos_token_id=_bos_id(cfg, text_dict, "text_config.", vocab), quantization=quant, raw=cfg,
     )
 
 
-def _as_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+GENERATION_CONFIG = "generation_config.json"
+MAX_STOP_STRINGS = 64
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The sampling defaults of generation_config.json, every value type-, range- and vocabulary-checked."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    eos_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+
+
+def parse_generation_config(g: dict, vocab_size: int = MAX_VOCAB, file: str = GENERATION_CONFIG) -> GenerationDefaults:
+    """GenerationDefaults of a generation_config.json dict; a ConfigError names the first bad field and value."""
+    if not isinstance(g, dict):
+        raise ConfigError(f"{file} must hold a JSON object")
+    for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
+        token_ids(g.get(key), key, vocab_size, file)
+    eos = token_ids(g.get("eos_token_id"), "eos_token_id", vocab_size, file)
+    if len(eos) > MAX_EOS_IDS:
+        raise ConfigError(f"{file}: eos_token_id lists {len(eos)} ids (at most {MAX_EOS_IDS})")
+    suppress = token_ids(g.get("suppress_tokens"), "suppress_tokens", vocab_size, file)
+    stop = g.get("stop_strings") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or len(stop) > MAX_STOP_STRINGS or not all(
+            isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"{file}: stop_strings must be a non-empty string or a list of at most "
+                          f"{MAX_STOP_STRINGS} of them, got {_show(g.get('stop_strings'))}")
+    kw = dict(file=file)
+    penalty = _float(g, "repetition_penalty", "", 0.0, 100.0, None, **kw)
+    return GenerationDefaults(
+        do_sample=_bool(g, "do_sample", "", False, **kw),
+        temperature=_float(g, "temperature", "", 0.0, 100.0, 1.0, lo_inclusive=True, **kw),
+        # 0 / null turn top_k, top_p and min_p off, as in transformers.
+        top_k=0 if "top_k" in g and g["top_k"] is None else _int(g, "top_k", "", 0, vocab_size, 50, **kw),
+        top_p=_float(g, "top_p", "", 0.0, 1.0, 1.0, lo_inclusive=True, **kw) or 1.0,
+        min_p=_float(g, "min_p", "", 0.0, 1.0, 0.0, lo_inclusive=True, **kw),
+        repetition_penalty=None if penalty in (None, 1.0) else penalty,
+        eos_ids=eos, suppress_ids=suppress, stop=tuple(stop),
+    )
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     """ModelConfig read from ``model_dir/config.json``."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if regular_file(path, what="config.json") is None:
         raise ConfigError(f"no config.json in {model_dir}: not a Hugging Face or MLX model directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return parse_config(cfg)
+    return parse_config(read_json(path))
 
 
 def embed_scale(hidden_size: int) -> float:

@@ -48,23 +48,17 @@ class SamplingOptions:
         As there: sampling only when the file says do_sample (Gemma 4's does: temperature 1.0, top_k 64,
         top_p 0.95), otherwise greedy; EOS ids from the file and the model config; suppress_tokens never emitted.
         """
+        from .config import GENERATION_CONFIG, MAX_VOCAB, parse_generation_config
+        from .jsonfile import read_json_object
+
         eos = tuple(config.eos_token_ids) if config is not None and config.eos_token_ids else (1,)
-        path = Path(model_dir) / "generation_config.json"
-        try:
-            g = json.loads(path.read_text()) if path.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{path} is not valid JSON: {e}") from None
-        g_eos = g.get("eos_token_id", [])
-        g_eos = tuple(g_eos) if isinstance(g_eos, list) else (g_eos,)
-        penalty = g.get("repetition_penalty")
-        stop = g.get("stop_strings") or ()
+        path = Path(model_dir) / GENERATION_CONFIG
+        vocab = config.text.vocab_size if config is not None else MAX_VOCAB
+        g = parse_generation_config(read_json_object(path, missing={}), vocab, file=str(path))
         return cls(
-            temperature=float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0,
-            top_k=int(g.get("top_k", 50) or 0), top_p=float(g.get("top_p", 1.0) or 1.0),
-            min_p=float(g.get("min_p") or 0.0),
-            repetition_penalty=float(penalty) if penalty not in (None, 1.0) else None,
-            eos_ids=tuple(dict.fromkeys(g_eos + eos)), suppress_ids=tuple(g.get("suppress_tokens") or ()),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            temperature=g.temperature if g.do_sample else 0.0, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+            repetition_penalty=g.repetition_penalty, eos_ids=tuple(dict.fromkeys(g.eos_ids + eos)),
+            suppress_ids=g.suppress_ids, stop=g.stop,
         )
 
     def greedy(self) -> SamplingOptions:

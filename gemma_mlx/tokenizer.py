@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from .errors import InputError, WeightsError
+from .jsonfile import read_json_object, regular_file
 
 # Gemma's chat specials at their ids in the real 262 144-token vocabulary; tiny models keep them there.
 GEMMA_CHAT_SPECIALS = {
@@ -22,6 +23,9 @@ GEMMA_CHAT_SPECIALS = {
     "<tool_response|>": 51, '<|"|>': 52, "<|think|>": 98, "<|channel>": 100, "<channel|>": 101,
     "<|turn>": 105, "<turn|>": 106,
 }
+
+# Gemma's tokenizer.json is 32 MB; a file 30 times that is not a tokenizer.
+MAX_TOKENIZER_BYTES = 1 << 30
 
 # transformers' named special-token attributes (the variables a chat template sees besides extra_special_tokens).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -58,17 +62,17 @@ class Tokenizer:
         """The tokenizer in path (tokenizer.json plus an optional tokenizer_config.json)."""
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
+        info = regular_file(file, WeightsError, "tokenizer.json")  # a FIFO would block the Rust reader forever
+        if info is None:
             raise WeightsError(f"{path} has no tokenizer.json (copy it from the original checkpoint)")
+        if info.st_size > MAX_TOKENIZER_BYTES:
+            raise WeightsError(f"{file}: {info.st_size} bytes is too large for a tokenizer (limit "
+                               f"{MAX_TOKENIZER_BYTES})")
         try:
             rust = _RustTokenizer.from_file(str(file))
         except Exception as e:  # the Rust library raises a bare Exception for malformed files
             raise WeightsError(f"{file} cannot be read as a tokenizer: {e}") from None
-        cfg_file = path / "tokenizer_config.json"
-        try:
-            config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{cfg_file} is not valid JSON: {e}") from None
+        config = read_json_object(path / "tokenizer_config.json", missing={})
         return cls(rust, config)
 
     @property

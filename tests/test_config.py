@@ -92,7 +92,7 @@ def test_missing_fields_are_not_filled_from_other_gemma_sizes():
     (lambda c: c["text_config"].update(hidden_size_per_layer_input=256), "per-layer embeddings"),
     (lambda c: c["text_config"].update(num_kv_shared_layers=48), "num_kv_shared_layers"),
     (lambda c: c.update(image_token_id=300000), "outside the vocabulary"),
-    (lambda c: c["text_config"].update(hidden_size=-1), "positive integer"),
+    (lambda c: c["text_config"].update(hidden_size=-1), r"text_config.hidden_size=-1 is outside \[1, "),
     (lambda c: c["text_config"]["rope_parameters"]["full_attention"].update(rope_type="yarn"), "rope_type"),
 ])
 def test_inconsistent_configs_name_the_problem(mutate, match):

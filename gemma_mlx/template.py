@@ -296,33 +296,36 @@ def _data_chars(*values) -> int:
     return total
 
 
-def _plain(value):
+def _plain(value, escape=None):
     # Templates come from the Hub: rebuild what they see from JSON types, so no rich object (an image with a
     # .save method, an array) is reachable from template code. Templates only test media keys, never read them.
-    if value is None or type(value) in (str, int, float, bool):
+    # escape (given for message data) is applied to every string, keys included.
+    if isinstance(value, str):
+        return escape(str(value)) if escape else str(value)
+    if value is None or type(value) in (int, float, bool):
         return value
-    for base in (str, bool, int, float):  # subclasses (enums, numpy scalars) drop back to the base type
+    for base in (bool, int, float):  # subclasses (enums, numpy scalars) drop back to the base type
         if isinstance(value, base):
             return base(value)
     if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {_plain(k, escape): _plain(v, escape) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, escape) for v in value]
     if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+        return tuple(_plain(v, escape) for v in value)
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy / mlx scalar
-        return _plain(value.item())
+        return _plain(value.item(), escape)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), escape) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
+        return _plain(value.model_dump(), escape)
     return f"<{type(value).__name__}>"
 
 
-def _prepare_message(message) -> dict:
+def _prepare_message(message, escape=None) -> dict:
     if not isinstance(message, Mapping) or "role" not in message:
         raise TemplateError(f"each message must be a dict with a 'role', got {message!r}")
-    message = _plain({k: v for k, v in message.items() if v is not None})
+    message = _plain({k: v for k, v in message.items() if v is not None}, escape)
     reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
     if reasoning is not None:  # transformers' aliasing: templates read one name or another
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
@@ -395,19 +398,21 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], *, tools: list | None = None, documents: list[dict] | None = None,
                add_generation_prompt: bool = True, enable_thinking: bool = False, template_name: str | None = None,
-               **extra) -> str:
+               escape=None, **extra) -> str:
         """The prompt text for messages, ending with the model's turn opener when add_generation_prompt.
 
         enable_thinking reaches the template even when False (for Gemma's templates the same as leaving it out);
         extra keyword arguments become template variables; template_name picks one of several named templates.
+        escape (e.g. Tokenizer.protect) is applied to every string of the messages, tools and documents, so that
+        what they hold stays plain text while the template's own markup stays special.
         """
         if not messages:
             raise TemplateError("cannot render an empty conversation")
         try:
-            chat = [_prepare_message(m) for m in messages]
-            schemas = None if tools is None else _plain([_tool_schema(t) for t in tools])
+            chat = [_prepare_message(m, escape) for m in messages]
+            schemas = None if tools is None else _plain([_tool_schema(t) for t in tools], escape)
             variables = {**self.special_tokens, **_plain(extra), "enable_thinking": enable_thinking}
-            documents = _plain(documents)
+            documents = _plain(documents, escape)
         except RecursionError:
             raise TemplateError("the messages, tools or documents are nested too deeply") from None
         template = _compile(self._pick(template_name, tools))

@@ -309,3 +309,18 @@ def test_overlapping_special_strings_are_all_marked(tmp_path):
     protected = tok.protect("xabcx abc")
     assert strip_marks(protected) == "xabcx abc"
     assert 300 not in tok.encode(protected) and 301 not in tok.encode(protected)
+
+
+# -- invalid Unicode -----------------------------------------------------------------------------------
+
+
+def test_lone_surrogates_are_an_input_error(real):
+    from gemma_mlx.errors import InputError
+
+    tok, _ = real
+    argv = b"caf\xe9 ok".decode("utf-8", "surrogateescape")  # how Python hands invalid UTF-8 in argv over
+    for text in (argv, "a\ud800b"):
+        with pytest.raises(InputError, match="lone surrogate"):
+            tok.encode(text)
+        with pytest.raises(InputError, match="lone surrogate"):
+            tok.encode_text(text)

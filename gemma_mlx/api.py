@@ -20,7 +20,7 @@ from .processing.image import preprocess_image
 from .processing.prompt import MediaTokens, prepare_prompt
 from .processing.video import load_video
 from .template import ChatTemplate
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, strip_marks
 from .tools import ParsedResponse, ToolCall, ToolCallError, split_response
 from .weights import load_model
 
@@ -257,15 +257,28 @@ class Gemma:
         return out
 
     def render(self, messages: list[dict], *, tools=None, enable_thinking: bool = False,
-               add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation in the checkpoint's chat template."""
+               add_generation_prompt: bool = True, allow_special_in_content: bool = False) -> str:
+        """The prompt text of a conversation in the checkpoint's chat template.
+
+        Special-token strings in the messages, tools and documents (``<|turn>``, ``<|tool_call>``, ``<bos>``,
+        ``<|image|>``...) are marked as plain text (tokenizer.TEXT_MARK; ``tokenizer.strip_marks`` removes the
+        marks), so content cannot forge turns, thoughts, calls or media; allow_special_in_content=True renders
+        them as the reference does, as control tokens.
+        """
         if self.template is None:
             raise self._template_error
         return self.template.render(messages, tools=tools, enable_thinking=enable_thinking,
-                                    add_generation_prompt=add_generation_prompt)
+                                    add_generation_prompt=add_generation_prompt,
+                                    escape=None if allow_special_in_content else self.tokenizer.protect)
 
-    def encode(self, text: str, media: Attachments | None = None):
-        """(token ids, token types, model media inputs, cache keys) of a rendered prompt with placeholders."""
+    def encode(self, text: str, media: Attachments | None = None, *, allow_special_in_content: bool = False):
+        """(token ids, token types, model media inputs, cache keys) of a rendered prompt with placeholders.
+
+        Text that render marked as content is read as plain text; allow_special_in_content=True drops the marks
+        first, so every special-token string in text is a control token.
+        """
+        if allow_special_in_content:
+            text = strip_marks(text)
         media = media or Attachments()
         if self.media_tokens is None:
             if media:
@@ -336,12 +349,14 @@ class Gemma:
     def stream(self, prompt: str | list[dict], *, images=(), audios=(), videos=(), system: str | None = None,
                tools: list | None = None, enable_thinking: bool = False, cache: PromptCache | None = None,
                max_context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-               should_stop: Callable[[], bool] | None = None, **sampling) -> Iterator[Piece | Result]:
+               should_stop: Callable[[], bool] | None = None, allow_special_in_content: bool = False,
+               **sampling) -> Iterator[Piece | Result]:
         """Stream Pieces of the reply to a prompt (a user message, or a whole message list), then its Result.
 
         images/audios/videos (paths, bytes, PIL images, arrays; (array, rate) for audio) are attached to the user
         message, or fill the media parts of a message list in order. sampling: temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, seed, max_tokens, stop, greedy (defaults: generation_config.json).
+        Message text is read as plain text unless allow_special_in_content (see render).
         """
         opts = self.options(**sampling)
         media = self.load_media(images, audios, videos)
@@ -351,7 +366,8 @@ class Gemma:
             messages = list(prompt)
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages
-        text = self.render(messages, tools=tools, enable_thinking=enable_thinking)
+        text = self.render(messages, tools=tools, enable_thinking=enable_thinking,
+                           allow_special_in_content=allow_special_in_content)
         yield from self.stream_text(text, media, opts=opts, cache=cache, max_context=max_context,
                                     prefill_chunk=prefill_chunk, should_stop=should_stop)
 

@@ -29,7 +29,7 @@ class Chat:
 
     def __init__(self, gemma: Gemma, *, system: str | None = None, enable_thinking: bool = False,
                  tools: list | None = None, max_context: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **sampling):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, allow_special_in_content: bool = False, **sampling):
         gemma.options(**sampling)  # refuse a bad option now, not at the first message
         self.gemma = gemma
         self.system = system
@@ -37,6 +37,7 @@ class Chat:
         self.tools = tools
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
+        self.allow_special_in_content = allow_special_in_content  # see Gemma.render
         self.sampling = sampling
         self.cache = gemma.new_cache(max_context)
         self.reset()
@@ -110,8 +111,10 @@ class Chat:
         g = self.gemma
         thinking = self.enable_thinking if enable_thinking is None else enable_thinking
         conversation = self.history
-        text = g.render(conversation, tools=self.tools, enable_thinking=thinking)
-        head = g.render(conversation, tools=self.tools, enable_thinking=thinking, add_generation_prompt=False)
+        special = self.allow_special_in_content
+        text = g.render(conversation, tools=self.tools, enable_thinking=thinking, allow_special_in_content=special)
+        head = g.render(conversation, tools=self.tools, enable_thinking=thinking, add_generation_prompt=False,
+                        allow_special_in_content=special)
         # The generation prompt is where the next turn's rendering will part from this one: snapshot there.
         tail = g.tokenizer.encode(text[len(head):]) if text.startswith(head) else []
         media = Attachments()

@@ -8,6 +8,8 @@ tokenizer_config.json are ignored, as transformers 5 ignores them whenever a tok
 from __future__ import annotations
 
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _RustTokenizer
@@ -26,6 +28,20 @@ GEMMA_CHAT_SPECIALS = {
 
 # Gemma's tokenizer.json is 32 MB; a file 30 times that is not a tokenizer.
 MAX_TOKENIZER_BYTES = 1 << 30
+
+# Private-use characters (plane 15) that keep message content plain text through the chat template: a special-token
+# string in content gets TEXT_MARK after its first character (so nothing downstream, template, placeholder
+# expansion or the tokenizer's own split, reads it as a token), and a mark character that content itself holds
+# is kept as TEXT_ESCAPE + it. Tokenizer.encode reads segments holding marks as plain text.
+TEXT_MARK, TEXT_ESCAPE = "\U000F0000", "\U000F0001"
+_MARKS = re.compile(f"{TEXT_ESCAPE}(.)|{TEXT_MARK}", re.S)
+_MARK_CHARS = re.compile(f"[{TEXT_MARK}{TEXT_ESCAPE}]")
+
+
+def strip_marks(text: str) -> str:
+    """text without the content marks of Tokenizer.protect (the text the model reads)."""
+    return _MARKS.sub(lambda m: m.group(1) or "", text) if _MARK_CHARS.search(text) else text
+
 
 # transformers' named special-token attributes (the variables a chat template sees besides extra_special_tokens).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -47,6 +63,17 @@ def special_tokens_map(config: dict) -> dict[str, str]:
         else:  # an explicit null removes a default
             out.pop(name, None)
     return out
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"text to tokenize must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        raise InputError(f"the text is not valid Unicode: {bad!r} at character {e.start} is a lone surrogate "
+                         "(invalid UTF-8 read with surrogateescape, or a broken string)") from None
 
 
 class Tokenizer:
@@ -100,9 +127,65 @@ class Tokenizer:
         """The string of a named special token (bos_token, eos_token, ...), or default if the config has none."""
         return self.special_tokens.get(name, default)
 
+    @cached_property
+    def _added(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.content}
+
+    @cached_property
+    def _added_pattern(self) -> re.Pattern | None:
+        # Longest first: at a position the longest token wins, as in the Rust library's leftmost-longest split.
+        tokens = sorted(self._added, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    @cached_property
+    def _text_tok(self) -> _RustTokenizer:
+        # The same pipeline without its added tokens: every string is read as text, nothing as a control token.
+        spec = json.loads(self._tok.to_str())
+        spec["added_tokens"] = []
+        return _RustTokenizer.from_str(json.dumps(spec))
+
+    def protect(self, text: str) -> str:
+        """text with every special-token string in it marked as plain text (see TEXT_MARK); encode reads the
+        marked text as the characters it spells, and strip_marks gives the text back."""
+        if _MARK_CHARS.search(text):
+            text = _MARK_CHARS.sub(lambda m: TEXT_ESCAPE + m.group(), text)
+        pattern = self._added_pattern
+        # Marking one token can leave an overlapping one (tokens "ab", "bc" in "abc"): repeat until none is left.
+        while pattern is not None and pattern.search(text):
+            text = pattern.sub(lambda m: m.group()[0] + TEXT_MARK + m.group()[1:], text)
+        return text
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of text read as plain text: special-token strings in it are spelled out, never control tokens."""
+        _check_text(text)
+        return self._text_tok.encode(text, add_special_tokens=False).ids
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of text; special-token strings in text map to their ids, and no <bos> is added by default."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of text; special-token strings in text map to their ids, except those marked by protect,
+        which are read as text; no <bos> is added by default."""
+        _check_text(text)
+        if not _MARK_CHARS.search(text):
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_marked(text, add_special_tokens).ids
+
+    def _encode_marked(self, text: str, add_special_tokens: bool):
+        # The Rust library's own order: split at the added tokens, then read each piece between them through the
+        # normalizer, pre-tokenizer and model; a piece holding marks is read, unmarked, as plain text.
+        from tokenizers import Encoding
+
+        pieces, tokens, pos = [], [], 0
+        for m in self._added_pattern.finditer(text) if self._added_pattern else ():
+            pieces.append(text[pos:m.start()])
+            tokens.append(m.group())
+            pos = m.end()
+        pieces.append(text[pos:])
+        read = self._text_tok.encode_batch([strip_marks(p) for p in pieces], add_special_tokens=False)
+        specials = self._tok.encode_batch(tokens, add_special_tokens=False) if tokens else []
+        parts = [read[0]]
+        for special, piece in zip(specials, read[1:]):
+            parts += [special, piece]
+        return self._tok.post_process(Encoding.merge(parts, growing_offsets=True),
+                                      add_special_tokens=add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of token ids (special tokens written out unless skip_special_tokens)."""

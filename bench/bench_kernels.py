@@ -35,6 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from gemma_mlx import settings
 from gemma_mlx.kernels import ops, reference
 from gemma_mlx.platform import fast_blas_loaded
 
@@ -73,8 +74,9 @@ def attention_case(name, *, Hq, Hkv, D, L, S, window, ring, dtype, runs):
     k_pos = mx.array(k_pos)
     mx.eval(q, k, v, q_pos, k_pos)
     args = dict(scale=1.0, q_pos=q_pos, k_pos=k_pos, window=window)
-    paths = {"reference": lambda: reference.attention(q, k, v, **args, dense_limit=ops.DENSE_LIMIT,
-                                                      key_block=ops.KEY_BLOCK)}
+    limits = settings.get()
+    paths = {"reference": lambda: reference.attention(q, k, v, **args, dense_limit=limits.attention_dense_limit,
+                                                      key_block=limits.attention_key_block)}
     if GPU:
         paths["kernel"] = lambda: ops.attention(q, k, v, **args)
     score_bytes = Hq * L * S * 4

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 def main() -> None:
     """On Linux, first re-execute with a fast BLAS preloaded when one is installed; then the CLI."""
+    import sys
+
+    from . import settings
+    from .errors import ConfigError
+
+    try:
+        settings.get()  # first: the re-exec below already reads GEMMA_MLX_BLAS
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     from .interrupts import route_to_main_thread
     from .platform import reexec_with_fast_blas
 

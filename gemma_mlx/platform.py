@@ -15,6 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import settings
+
 # Debian/Ubuntu package libopenblas0-pthread; other distributions put it elsewhere (GEMMA_MLX_BLAS overrides).
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -41,27 +43,27 @@ def fast_blas_loaded() -> bool:
 
 def dense_prefill_enabled() -> bool:
     """Whether multi-row quantized products should run as dequantize + float32 GEMM."""
-    setting = os.environ.get("GEMMA_MLX_DENSE_PREFILL", "auto")
-    if setting in ("0", "off", "false"):
-        return False
-    if setting in ("1", "on", "true"):
-        return True
+    setting = settings.get().dense_prefill
+    if setting != "auto":
+        return setting == "on"
     return not mx.metal.is_available() and fast_blas_loaded()
 
 
 def find_openblas() -> str | None:
     """Path of a system OpenBLAS library to preload, if one is installed."""
-    explicit = os.environ.get("GEMMA_MLX_BLAS")
+    explicit = settings.get().blas
+    if explicit == "off":
+        return None
     if explicit:
-        return explicit if Path(explicit).is_file() else None
+        return explicit  # checked to be a file when the settings were read
     return next((p for p in OPENBLAS_CANDIDATES if Path(p).is_file()), None)
 
 
 def reexec_with_fast_blas() -> None:
     """On Linux, restart this process with a system OpenBLAS preloaded (once), unless disabled or present."""
-    if not sys.platform.startswith("linux") or os.environ.get("GEMMA_MLX_BLAS_REEXEC") == "done":
+    if not sys.platform.startswith("linux") or settings.get().blas_reexec == "done":
         return
-    if os.environ.get("GEMMA_MLX_BLAS") in ("0", "off", "none") or fast_blas_loaded():
+    if settings.get().blas == "off" or fast_blas_loaded():
         return
     lib = find_openblas()
     if lib is None:

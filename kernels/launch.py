@@ -8,14 +8,13 @@ emulation and the source captures in verify.py. Nothing here depends on which ba
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .. import settings
+from ..errors import ConfigError
 from .sources import ATTN_COMBINE, ATTN_TILE, KernelSpec
-
-ENV_BACKEND = "GEMMA_MLX_KERNELS"  # "reference" forces the pure-MLX path on any machine
 
 TG = 256  # threads per attn_tile group: 8 warps/simdgroups
 NW = TG // 32
@@ -28,12 +27,16 @@ KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def select_backend() -> str:
-    """'metal', 'cuda' or 'reference', decided once at import; GEMMA_MLX_KERNELS=reference forces the reference."""
-    choice = os.environ.get(ENV_BACKEND, "auto").strip().lower()
-    if choice not in ("auto", "reference"):
-        raise ValueError(f"{ENV_BACKEND} must be 'auto' or 'reference', got {choice!r}")
+    """'metal', 'cuda' or 'reference', decided once at import from GEMMA_MLX_KERNELS (settings.kernels)."""
+    choice = settings.get().kernels
     if choice == "reference":
         return "reference"
+    available = {"metal": mx.metal.is_available(), "cuda": mx.cuda.is_available()}
+    if choice in available:
+        if not available[choice]:
+            raise ConfigError(f"GEMMA_MLX_KERNELS={choice}, but MLX has no {choice} backend on this machine "
+                              "(use auto or reference)")
+        return choice
     if mx.metal.is_available():
         return "metal"
     if mx.cuda.is_available():

@@ -10,11 +10,11 @@ not cover (head dims that are not a multiple of 32, other dtypes) take the refer
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import mlx.core as mx
 
+from .. import settings
 from . import reference
 from .launch import Launcher, attention_kernel, kernel_supports, select_backend, self_check
 
@@ -22,10 +22,8 @@ BACKEND = select_backend()
 _LAUNCH = Launcher(BACKEND) if BACKEND != "reference" else None
 _CHECKED = False  # the live kernels pass launch.self_check before their first use, or BACKEND falls back
 
-# Reference path: above this many score entries (query heads × queries × keys), or more than KEY_BLOCK keys,
-# attention runs blockwise. Read at call time, so tests can shrink them.
-DENSE_LIMIT = int(os.environ.get("GEMMA_MLX_ATTENTION_DENSE_LIMIT", 1 << 24))
-KEY_BLOCK = int(os.environ.get("GEMMA_MLX_ATTENTION_KEY_BLOCK", 4096))
+# Reference path: above settings' attention_dense_limit score entries (query heads × queries × keys), or more
+# than attention_key_block keys, attention runs blockwise. Read at call time, so settings.override can shrink them.
 
 
 def attention(
@@ -59,9 +57,11 @@ def attention(
             q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
             block_overrides_window=block_overrides_window, launch=_LAUNCH,
         )
+    limits = settings.get()
     return reference.attention(
         q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
-        block_overrides_window=block_overrides_window, dense_limit=DENSE_LIMIT, key_block=KEY_BLOCK,
+        block_overrides_window=block_overrides_window, dense_limit=limits.attention_dense_limit,
+        key_block=limits.attention_key_block,
     )
 
 

@@ -37,10 +37,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .. import settings
 from .launch import Launcher
 from .sources import KernelSpec, read
-
-CACHE_DIR = Path(os.environ.get("GEMMA_MLX_KERNEL_CACHE", Path.home() / ".cache" / "gemma-mlx" / "kernels"))
 
 
 class ToolMissing(RuntimeError):
@@ -261,12 +260,13 @@ def _embedded_jit_headers(lib: bytes, config_h: bytes) -> dict[str, str]:
     raise ToolMissing("could not locate MLX's embedded CUDA JIT headers in libmlx.so")
 
 
-def mlx_cuda_headers(cache: Path = CACHE_DIR) -> tuple[dict[str, str], Path]:
+def mlx_cuda_headers(cache: Path | None = None) -> tuple[dict[str, str], Path]:
     """({include name: source} of MLX's CUDA JIT headers, its bundled CCCL include dir) for this MLX version.
 
     Downloaded once with pip (mlx-cuda-12 of the installed MLX version, ~90 MB, not installed) into ``cache``.
     """
     version = mx.__version__
+    cache = settings.get().kernel_cache if cache is None else cache
     root = cache / f"mlx-cuda-{version}"
     done = root / "headers"
     cccl = root / "cccl"
@@ -444,13 +444,13 @@ class CpuEmulator:
     whatever the thread timing (inputs are then passed as contiguous copies).
     """
 
-    def __init__(self, tsan: bool = False, cache: Path = CACHE_DIR):
+    def __init__(self, tsan: bool = False, cache: Path | None = None):
         gxx, reason = find_gxx()
         if gxx is None:
             raise ToolMissing(reason)
         self.gxx = gxx
         self.tsan = tsan
-        self.cache = cache / "cpu"
+        self.cache = (settings.get().kernel_cache if cache is None else cache) / "cpu"
         self.calls: list[dict] = []
         self._libs: dict[str, object] = {}
 

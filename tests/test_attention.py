@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma_mlx import settings
 from gemma_mlx.kernels import ops
 
 
@@ -43,11 +44,12 @@ def run(q, k, v, scale, q_pos, k_pos, **kw):
 
 
 @pytest.fixture(params=["dense", "blocked"])
-def path(request, monkeypatch):
+def path(request):
     if request.param == "blocked":
-        monkeypatch.setattr(ops, "DENSE_LIMIT", 0)
-        monkeypatch.setattr(ops, "KEY_BLOCK", 5)  # odd block edges inside windows and blocks
-    return request.param
+        with settings.override(attention_dense_limit=0, attention_key_block=5):  # odd block edges inside windows
+            yield request.param
+    else:
+        yield request.param
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (4, 1)])  # MHA, GQA, MQA

@@ -4,6 +4,7 @@ ring has wrapped), thinking, tool rounds in one model turn, interruption, attach
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,7 +165,9 @@ def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
     first = chat.ask("What is this?", images=[image], audios=[audio])
     second = chat.ask("And the colours?")
     user = chat.messages[0]["content"]
-    assert [p["type"] for p in user] == ["image", "audio", "text"] and user[0]["path"] == image
+    # Stored as the absolute, resolved path (a saved chat then loads from any directory, and ../shared may be a
+    # symlink), so that is what to expect, not the spelling given.
+    assert [p["type"] for p in user] == ["image", "audio", "text"] and user[0]["path"] == str(Path(image).resolve())
     # Everything up to the previous model turn, the image and the speech included, came from the cache.
     first_ids = g.encode(g.render(chat.history[:2]), chat._media[0])[0].tolist()
     second_ids = g.encode(g.render(chat.history[:4]), chat._media[0])[0].tolist()

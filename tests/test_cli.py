@@ -72,7 +72,106 @@ def test_errors_are_one_line_without_traceback(demo_model, env, tmp_path):
     r = run(env, "generate", str(demo_model), "-p", "x" * 100, "--max-context", "50")
     assert r.returncode == 2 and "context allowed is 50 tokens" in r.stderr
     r = run(env, "generate", str(demo_model), "-p", "x", "--top-p", "0")
-    assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr
+    assert r.returncode == 2 and "'--top-p': 0.0 is not in the range 0<x<=1" in r.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--seed", "-1", "is not in the range 0<=x<=18446744073709551615"),
+    ("--seed", str(2**70), "is not in the range"),
+    ("--seed", "abc", "is not a valid integer"),
+    ("--prefill-chunk", "0", "0 is not in the range x>=1"),
+    ("-n", "0", "0 is not in the range x>=1"),
+    ("-n", "2.5", "'2.5' is not a valid integer"),
+    ("--max-context", "-5", "not in the range x>=1"),
+    ("--top-k", "-1", "not in the range x>=0"),
+    ("--temp", "nan", "'nan' is not a finite number"),
+    ("--temp", "inf", "'inf' is not a finite number"),
+    ("--temp", "-0.5", "not in the range x>=0"),
+    ("--top-p", "nan", "not a finite number"),
+    ("--min-p", "1.5", "not in the range 0<=x<=1"),
+    ("--repetition-penalty", "-inf", "not a finite number"),
+    ("--repetition-penalty", "0", "not in the range x>0"),
+    ("--presence-penalty", "NaN", "not a finite number"),
+    ("--dtype", "float8", "'float8' is not one of"),
+])
+def test_bad_option_values_are_one_line_usage_errors(env, tmp_path, option, value, message):
+    """Checked while parsing: the model (here one that does not exist) is never looked at."""
+    r = run(env, "generate", str(tmp_path / "no-model"), "-p", "x", option, value)
+    assert r.returncode == 2 and r.stderr.startswith("error: Invalid value for") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "see `gemma-mlx generate --help`" in r.stderr
+    r = run(env, "chat", str(tmp_path / "no-model"), option, value)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_unexpected_exception_is_one_internal_error_line_and_debug_shows_it(monkeypatch):
+    from click.testing import CliRunner
+
+    from gemma_mlx import cli as cli_module
+
+    def broken(model, dtype):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(cli_module, "_load", broken)
+    r = CliRunner().invoke(cli_module.cli, ["generate", "m", "-p", "x"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip() == ("internal error: ValueError: boom second line (a bug in gemma-mlx; rerun with "
+                                "`gemma-mlx --debug ...` for the traceback)")
+    r = CliRunner().invoke(cli_module.cli, ["--debug", "generate", "m", "-p", "x"])
+    assert isinstance(r.exception, ValueError)  # --debug lets it through, traceback and all
+    monkeypatch.setattr(cli_module, "_load", lambda model, dtype: (_ for _ in ()).throw(KeyboardInterrupt()))
+    r = CliRunner().invoke(cli_module.cli, ["generate", "m", "-p", "x"])
+    assert r.exit_code == 1 and "internal error" not in r.output  # Ctrl-C is not a bug: click's "Aborted!"
+
+
+def test_demo_extra_is_real_and_pytest_is_not_a_runtime_dependency():
+    import tomllib
+
+    from conftest import ROOT
+    from gemma_mlx.cli import CHAT_HELP, STANDIN_PACKAGE
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.split(">")[0].split("=")[0].strip() == "pytest" for d in project["dependencies"])
+    assert any(d.startswith("pytest") for d in project["optional-dependencies"]["test"])
+    demo = {d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["demo"]}
+    assert demo == {"gguf", STANDIN_PACKAGE.replace("_", "-")} and "pip install 'gemma-mlx[demo]'" in CHAT_HELP
+
+
+@pytest.mark.parametrize("broken", ["no gguf", "not the package"])
+def test_a_stand_in_without_its_extra_falls_back_to_the_tiny_model(monkeypatch, tmp_path, capsys, broken):
+    import importlib.util
+    import types
+
+    from gemma_mlx import cli as cli_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fake = types.ModuleType(cli_module.STANDIN_PACKAGE)
+    if broken == "no gguf":
+        fake.assemble, fake.MODEL_NAME = (lambda *a, **k: 1 / 0), "x.gguf"  # must never be called
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, cli_module.STANDIN_PACKAGE, fake)
+    model, note = cli_module._default_model()
+    assert note == cli_module.DEMO_NOTE and Path(model) == tmp_path / "gemma-mlx" / "tiny-demo"
+    err = capsys.readouterr().err
+    assert "installed but unusable" in err and "gemma-mlx[demo]" in err
+    assert ("needs gguf" in err) == (broken == "no gguf")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tip is about Linux CPUs")
+def test_cpu_tip_on_a_linux_cpu_without_fast_blas(monkeypatch, capsys):
+    import mlx.core as mx
+
+    from gemma_mlx import cli as cli_module, platform, settings
+
+    if mx.metal.is_available() or mx.cuda.is_available():
+        pytest.skip("a GPU machine: no CPU tip")
+    for fast, blas, shown in ((False, None, True), (False, "off", False), (True, None, False)):
+        monkeypatch.setattr(platform, "fast_blas_loaded", lambda: fast)
+        with settings.override(blas=blas):
+            cli_module._cpu_tip()
+        err = capsys.readouterr().err
+        assert ("10-30x slower" in err and "libopenblas0-pthread" in err) == shown, (fast, blas)
 
 
 def test_help_teaches_and_starts_fast(env):
@@ -155,10 +254,10 @@ class Terminal:
 
 
 def test_chat_in_a_terminal(demo_model, env, tmp_path, fixtures_dir):
-    term = Terminal([str(EXE), "chat", str(demo_model), "--greedy", "-n", "16", "--system", "be brief", "-v"], env)
+    term = Terminal([str(EXE), "chat", str(demo_model), "--greedy", "-n", "16", "--system", "be brief"], env)
     banner = term.read_until(b">>> ")
     assert b"thinking off" in banner
-    assert b"tok/s" in term.type("hello there")  # -v: stats after every answer
+    assert b"tok/s" in term.type("hello there")  # the speed line after every answer, by default
     assert b"thinking on" in term.type("/think")
     term.type("and now?")
     assert b"thinking off" in term.type("/think off")
@@ -190,13 +289,14 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, env, tmp_path
         cfg["eos_token_id"] = [511]
         cfg["suppress_tokens"] = [511]
         (endless / name).write_text(json.dumps(cfg))
-    term = Terminal([str(EXE), "chat", str(endless), "--greedy", "-n", "100000", "--max-context", "200000"], env)
+    term = Terminal([str(EXE), "chat", str(endless), "--greedy", "-n", "100000", "--max-context", "200000",
+                     "--no-speed"], env)
     term.read_until(b">>> ")
     term.send(b"tell me a very long story\n")
     time.sleep(2)
     term.send(b"\x03")  # Ctrl-C in the middle of the answer
     term.read_until(b"[stopped]", timeout=30)
-    term.read_until(b">>> ")
+    assert b"tok/s" not in term.read_until(b">>> ")  # --no-speed
     saved = tmp_path / "after.json"
     term.type(f"/save {saved}")
     messages = json.loads(saved.read_text())["messages"]
@@ -226,6 +326,69 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(demo_model, env, tmp_path
     assert term.wait() == 0
 
 
+# -- option fuzz: seeded combinations of edge values, each case bounded (tests/bounded.py) ------------------------
+
+_NUMBERS = ["0", "-1", "1", "2.5", "nan", "-nan", "inf", "-inf", "1e308", "1e-320", str(2**64), str(2**70),
+            "abc", "", " 1", "0x10", "1_0", "٣"]
+_OPTIONS = {  # option: values worth trying beyond _NUMBERS (valid ones included, so that the model runs too)
+    "--temp": ["0", "0.7", "1e3"], "--top-k": ["1", "5", str(2**31)], "--top-p": ["0.5", "1", "1.0000001"],
+    "--min-p": ["0.1", "1"], "--repetition-penalty": ["1.1", "1e-30", "1e30"], "--presence-penalty": ["-5", "5"],
+    "--seed": ["3", str(2**64 - 1), str(2**63)], "--max-context": ["8", "40", "100000"],
+    "--prefill-chunk": ["1", "3", "100000"], "--dtype": ["float32", "bfloat16", "float16", "int8"],
+    "--stop": ["", "x", "\n", "<turn|>"], "-n": ["1", "2"], "--greedy": None, "--think": None, "--no-think": None,
+}
+
+
+def _cli_case(model: str, seed: int) -> str | None:
+    """One seeded option combination through the CLI in-process; a problem description, or None if fine."""
+    import random
+
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    rng = random.Random(f"cli-{seed}")
+    args = ["generate", model, "-p", rng.choice(["Hello", "", " ", "x" * 200, "<|turn>user", "ünï ☃ 😀"]), "-n", "2"]
+    for option in rng.sample(sorted(_OPTIONS), rng.randint(1, 5)):
+        values = _OPTIONS[option]
+        if values is None:
+            args.append(option)
+        else:
+            value = rng.choice(values + ([] if option in ("--dtype", "--stop", "-n") else _NUMBERS))
+            if option == "-n" and value not in ("1", "2"):
+                continue  # valid huge -n would only make the case long
+            args += [option, value]
+    r = CliRunner().invoke(cli, args + ["--no-stats"])
+    if r.exit_code not in (0, 2) or "internal error" in r.output or "Traceback" in r.output:
+        return f"{args!r}: exit {r.exit_code}: {r.output.strip()[-300:]}"
+    if r.exit_code == 2 and len([line for line in r.output.splitlines() if line.startswith("error:")]) != 1:
+        return f"{args!r}: exit 2 without one error line: {r.output.strip()[-300:]}"
+    return None
+
+
+def _cli_worker(first_seed: int, count: int) -> None:
+    import tempfile
+
+    from bounded import worker_loop
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_demo_model(Path(tmp) / "tiny"))
+        worker_loop(lambda s: _cli_case(model, s), first_seed, count, 6 << 30)
+
+
+def test_fuzz_options_only_give_results_or_one_line_errors():
+    from bounded import run_campaign
+
+    assert run_campaign(__file__, "cli", 0, 60) == []
+
+
+@pytest.mark.slow
+def test_fuzz_options_long_campaign():
+    from bounded import run_campaign
+
+    assert run_campaign(__file__, "cli", 10_000, 1500) == []
+
+
 @pytest.mark.network
 def test_demo_extra_stand_in_speaks_english(env, tmp_path):
     """`pip install 'gemma-mlx[demo]'`: the offline default becomes the real Gemma 3 270M, labelled a stand-in."""
@@ -240,3 +403,8 @@ def test_demo_extra_stand_in_speaks_english(env, tmp_path):
     words = re.findall(r"[A-Za-z]+", r.stdout)
     assert len(words) >= 5 and sum(w.lower() in {"the", "is", "a", "of", "and", "i", "it", "to", "in", "paris"}
                                    for w in words) >= 2
+
+
+if __name__ == "__main__":  # the fuzz worker (tests/bounded.py): python tests/test_cli.py cli FIRST COUNT
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _cli_worker(int(sys.argv[2]), int(sys.argv[3]))

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma_mlx import settings
 from gemma_mlx.kernels import launch, ops, reference
 
 pytestmark = pytest.mark.skipif(
@@ -28,7 +29,8 @@ def compare(q, k, v, q_pos, k_pos, window=None, q_block=None, k_block=None, over
                 block_overrides_window=override)
     got = ops.attention(q, k, v, **args)
     assert ops._LAUNCH is not None, "the kernels failed their self-check: ops fell back to the reference path"
-    want = reference.attention(q, k, v, **args, dense_limit=ops.DENSE_LIMIT, key_block=ops.KEY_BLOCK)
+    want = reference.attention(q, k, v, **args, dense_limit=settings.get().attention_dense_limit,
+                               key_block=settings.get().attention_key_block)
     g = np.array(got.astype(mx.float32), np.float64)
     w = np.array(want.astype(mx.float32), np.float64)
     assert np.isfinite(g).all()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gemma_mlx.cache import FullCache, RingCache
+from gemma_mlx import settings
 from gemma_mlx.kernels import ops, reference, verify
 
 
@@ -24,11 +25,12 @@ def _np(x):
 
 
 @pytest.fixture(params=["dense", "blocked"])
-def path(request, monkeypatch):
+def path(request):
     if request.param == "blocked":
-        monkeypatch.setattr(ops, "DENSE_LIMIT", 0)
-        monkeypatch.setattr(ops, "KEY_BLOCK", 7)  # block edges fall inside windows and rings
-    return request.param
+        with settings.override(attention_dense_limit=0, attention_key_block=7):  # block edges inside windows, rings
+            yield request.param
+    else:
+        yield request.param
 
 
 def _check(q, k, v, scale, q_pos, k_pos, window=None, q_block=None, k_block=None, override=False, atol=2e-6):
@@ -100,15 +102,14 @@ def test_no_visible_key_gives_zeros(path):
     assert np.array_equal(np.array(out)[:, :, 1], np.zeros((1, 2, 8))) and np.all(np.array(out)[:, :, 0] == 1)
 
 
-def test_blocked_equals_dense_in_bfloat16(monkeypatch):
+def test_blocked_equals_dense_in_bfloat16():
     rng = np.random.default_rng(4)
     q, k, v = _rand(rng, (1, 16, 3, 64), mx.bfloat16), _rand(rng, (1, 1, 40, 64), mx.bfloat16), \
         _rand(rng, (1, 1, 40, 64), mx.bfloat16)
     args = dict(scale=0.125, q_pos=mx.arange(37, 40, dtype=mx.int32), k_pos=mx.arange(40, dtype=mx.int32), window=20)
     dense = ops.attention(q, k, v, **args)
-    monkeypatch.setattr(ops, "DENSE_LIMIT", 0)
-    monkeypatch.setattr(ops, "KEY_BLOCK", 6)
-    blocked = ops.attention(q, k, v, **args)
+    with settings.override(attention_dense_limit=0, attention_key_block=6):
+        blocked = ops.attention(q, k, v, **args)
     diff = np.abs(_np(blocked) - _np(dense))
     assert diff.max() <= 2.0 ** -7 * np.abs(_np(dense)).max()
 
@@ -128,8 +129,8 @@ def _scratch(L, S, D=512, Hq=16, dtype=mx.bfloat16):
     mx.eval(q, k, v, q_pos, k_pos)
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    mx.eval(reference.attention(q, k, v, scale=1.0, q_pos=q_pos, k_pos=k_pos, dense_limit=ops.DENSE_LIMIT,
-                                key_block=ops.KEY_BLOCK))
+    mx.eval(reference.attention(q, k, v, scale=1.0, q_pos=q_pos, k_pos=k_pos, dense_limit=settings.get().attention_dense_limit,
+                                key_block=settings.get().attention_key_block))
     return mx.get_peak_memory() - base
 
 

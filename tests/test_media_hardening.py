@@ -11,11 +11,8 @@ Run this file as a script (``python tests/test_media_hardening.py KIND SEED COUN
 from __future__ import annotations
 
 import io
-import json
-import os
 import random
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -24,7 +21,8 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the worker imports conftest's constants like the tests do
+sys.path.insert(0, str(HERE))  # run as a script, the worker imports its neighbours as the tests do
+from bounded import run_campaign, worker_loop  # noqa: E402
 from conftest import MEDIA  # noqa: E402
 
 MEMORY_LIMIT = 3 << 30  # bytes of address space per worker: a few-KB file must never need more
@@ -242,63 +240,10 @@ def _load(kind: str, data: bytes):
 
 
 def worker(kind: str, first_seed: int, count: int) -> None:
-    """Runs cases first_seed.. and prints one JSON line per case: {"seed", "outcome"} after a {"start"} line."""
-    import resource
-
-    from gemma_mlx.errors import GemmaMLXError
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    """Runs cases first_seed.. of `kind` under the memory limit, reporting each on stdout (bounded.worker_loop)."""
     seed = _seeds()[kind]
-    for s in range(first_seed, first_seed + count):
-        data = mutate(kind, seed, random.Random(f"{kind}-{s}"))
-        print(json.dumps({"start": s}), flush=True)
-        try:
-            _load(kind, data)
-            outcome = "ok"
-        except GemmaMLXError as e:
-            outcome = f"error: {type(e).__name__}"
-        except BaseException as e:  # noqa: BLE001 — exactly what the fuzz is looking for
-            outcome = f"CRASH {type(e).__name__}: {str(e)[:300]}"
-        print(json.dumps({"seed": s, "outcome": outcome}), flush=True)
-
-
-def run_campaign(kind: str, first_seed: int, count: int, case_timeout: float = 30) -> list[str]:
-    """Problems found by `count` cases of `kind`: exceptions that are not GemmaMLXError, and any case the worker
-    died on (killed by the memory limit, crashed, or running longer than case_timeout seconds)."""
-    import select
-
-    problems: list[str] = []
-    seed, end = first_seed, first_seed + count
-    while seed < end:
-        proc = subprocess.Popen([sys.executable, __file__, kind, str(seed), str(end - seed)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
-        started, reason = None, None
-        while True:
-            # The first case also pays for the worker's imports and seed files.
-            ready, _, _ = select.select([proc.stdout], [], [], case_timeout * (3 if started is None else 1))
-            if not ready:
-                proc.kill()
-                reason = f"still running after {case_timeout} s"
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            record = json.loads(line)
-            if "start" in record:
-                started = record["start"]
-            else:
-                seed = record["seed"] + 1
-                if record["outcome"].startswith("CRASH"):
-                    problems.append(f"{kind} seed {record['seed']}: {record['outcome']}")
-        rc = proc.wait()
-        err = proc.stderr.read()
-        proc.stdout.close(), proc.stderr.close()
-        if rc == 0 and reason is None:
-            break
-        culprit = started if started is not None and started >= seed else seed
-        problems.append(f"{kind} seed {culprit}: worker died ({reason or f'rc {rc}'}): {err.strip()[-500:]}")
-        seed = culprit + 1  # carry on after the case that killed the worker
-    return problems
+    worker_loop(lambda s: _load(kind, mutate(kind, seed, random.Random(f"{kind}-{s}"))), first_seed, count,
+                MEMORY_LIMIT)
 
 
 CASES = {"wav": 120, "flac": 30, "png": 80, "jpeg": 60, "video": 30}
@@ -306,13 +251,13 @@ CASES = {"wav": 120, "flac": 30, "png": 80, "jpeg": 60, "video": 30}
 
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_fuzz_media_only_raises_gemma_mlx_errors(kind):
-    assert run_campaign(kind, 0, CASES[kind]) == []
+    assert run_campaign(__file__, kind, 0, CASES[kind]) == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_fuzz_media_long_campaign(kind):
-    assert run_campaign(kind, 10_000, CASES[kind] * 25) == []
+    assert run_campaign(__file__, kind, 10_000, CASES[kind] * 25) == []
 
 
 if __name__ == "__main__":

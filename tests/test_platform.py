@@ -5,6 +5,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from gemma_mlx import settings
 from gemma_mlx.model import linear
 from gemma_mlx.model.linear import DENSE_MIN_ROWS, QuantizedLinear, use_prefill_friendly_linears
 from gemma_mlx.platform import dense_prefill_enabled
@@ -26,12 +27,12 @@ def test_dense_prefill_path_equals_quantized_matmul(monkeypatch, bits, group_siz
     q = model.layers[0]
     assert isinstance(q, QuantizedLinear)
     x = mx.random.normal((2, DENSE_MIN_ROWS, 128))
-    monkeypatch.setenv("GEMMA_MLX_DENSE_PREFILL", "0")
-    assert not dense_prefill_enabled()
-    reference = np.array(q(x))
-    monkeypatch.setenv("GEMMA_MLX_DENSE_PREFILL", "1")
-    assert dense_prefill_enabled()
-    dense = np.array(q(x))
+    with settings.override(dense_prefill="off"):
+        assert not dense_prefill_enabled()
+        reference = np.array(q(x))
+    with settings.override(dense_prefill="on"):
+        assert dense_prefill_enabled()
+        dense = np.array(q(x))
     assert np.abs(dense - reference).max() < 1e-4
     single = np.array(q(x[:, :1]))  # decode rows keep the quantized mat-vec
     assert np.abs(single - reference[:, :1]).max() < 1e-4

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 
 from .cache import PromptCache
 from .errors import InputError, TemplateError
-from .generation import GenerationStats, SamplingOptions, stream_tokens
-from .model import masks
+from .generation import GenerationStats, RunOptions, SamplingOptions, stream_tokens
 from .prefill import DEFAULT_PREFILL_CHUNK
 from .processing.audio import load_audio
 from .processing.image import preprocess_image
-from .processing.prompt import MediaTokens, prepare_prompt
+from .processing.prompt import MediaTokens, PreparedPrompt, prepare_prompt
 from .processing.video import load_video
 from .template import ChatTemplate
 from .tokenizer import Tokenizer
@@ -110,10 +107,6 @@ def user_message(text: str, media: Attachments) -> dict:
 
 def _source_path(src) -> str | None:
     return str(Path(src).expanduser().resolve()) if isinstance(src, (str, os.PathLike)) else None
-
-
-def _fingerprint(array) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 class _TextStream:
@@ -264,36 +257,14 @@ class Gemma:
         return self.template.render(messages, tools=tools, enable_thinking=enable_thinking,
                                     add_generation_prompt=add_generation_prompt)
 
-    def encode(self, text: str, media: Attachments | None = None):
-        """(token ids, token types, model media inputs, cache keys) of a rendered prompt with placeholders."""
+    def encode(self, text: str, media: Attachments | None = None) -> PreparedPrompt:
+        """The PreparedPrompt (ids, token types, media spans and inputs, cache keys) of a rendered prompt."""
         media = media or Attachments()
         if self.media_tokens is None:
             if media:
                 raise InputError("this model takes text only")
-            ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
-            return ids, np.zeros_like(ids), {}, ids.tolist()
-        prompt = prepare_prompt(text, self.tokenizer, self.media_tokens, media.images, media.audios, media.videos)
-        return prompt.input_ids, prompt.token_types, prompt.media, self._token_keys(prompt)
-
-    @staticmethod
-    def _token_keys(prompt) -> list:
-        """Token ids, each media soft token paired with a fingerprint of the item (image, frame, clip) it is from."""
-        m = prompt.media
-        prints = {
-            masks.TOKEN_TYPE_IMAGE: [_fingerprint(p) for p in m.get("pixel_values", [])],
-            masks.TOKEN_TYPE_VIDEO: [_fingerprint(p) for p in m.get("video_pixel_values", [])],
-            masks.TOKEN_TYPE_AUDIO: [_fingerprint(a) for a in m.get("audio_features", [])],
-        }
-        keys, run = [], {k: -1 for k in prints}
-        types = prompt.token_types.tolist()
-        for i, (tok, kind) in enumerate(zip(prompt.input_ids.tolist(), types)):
-            if kind == 0:
-                keys.append(tok)
-                continue
-            if i == 0 or types[i - 1] != kind:  # each image, frame and clip is one contiguous run
-                run[kind] += 1
-            keys.append((tok, prints[kind][run[kind]]))
-        return keys
+            return PreparedPrompt.from_ids(self.tokenizer.encode(text), {}, text=text)
+        return prepare_prompt(text, self.tokenizer, self.media_tokens, media.images, media.audios, media.videos)
 
     def new_cache(self, max_context: int | None = None) -> PromptCache:
         """An empty prompt cache: pass it to successive calls so each prefills only what differs."""
@@ -317,13 +288,13 @@ class Gemma:
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, checkpoint_at: int | None = None,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[Piece | Result]:
         """Stream Pieces of the reply to a rendered prompt, then one final Result."""
-        ids, types, model_media, keys = self.encode(text, media)
+        prompt = self.encode(text, media)
         stats = GenerationStats()
         stream = _TextStream(self.tokenizer, opts.stop, opts.eos_ids)
         tokens = []
-        for token in stream_tokens(self.model, ids, opts=opts, cache=cache, media=model_media, token_types=types,
-                                   token_keys=keys, prefill_chunk=prefill_chunk, max_context=max_context,
-                                   stats=stats, checkpoint_at=checkpoint_at, should_stop=should_stop):
+        run = RunOptions(prefill_chunk=prefill_chunk, max_context=max_context, checkpoint_at=checkpoint_at,
+                         should_stop=should_stop)
+        for token in stream_tokens(self.model, prompt, opts, cache=cache, run=run, stats=stats):
             tokens.append(token)
             yield from stream.add(token)
             if stream.stopped:

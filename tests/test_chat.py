@@ -50,7 +50,7 @@ def test_turns_follow_the_template_reuse_the_cache_and_equal_fresh_runs(g, ring_
     for question in ("What is MLX?", "And Metal?", "Thanks!"):
         result = chat.ask(question)
         conversation = chat.history[:-1]
-        ids = g.encode(g.render(conversation))[0].tolist()
+        ids = g.encode(g.render(conversation)).input_ids.tolist()
         assert result.stats.prompt_tokens == len(ids)
         assert result.tokens == g.generate(conversation, **GREEDY).tokens  # a fresh run, no cache
         if held:
@@ -69,7 +69,7 @@ def test_retry_after_the_ring_wrapped_repeats_the_answer(g):
     again = api._last(chat.retry())
     assert again.tokens == first.tokens and len(chat.messages) == 2
     head = g.render(chat.history[:1], add_generation_prompt=False)
-    assert again.stats.reused_tokens == len(g.encode(head)[0])  # the checkpoint: only the model turn re-runs
+    assert again.stats.reused_tokens == len(g.encode(head))  # the checkpoint: only the model turn re-runs
 
 
 class Script:
@@ -79,9 +79,9 @@ class Script:
         self.g, self.replies, self.prompts = g, list(replies), []
         monkeypatch.setattr(api, "stream_tokens", self)
 
-    def __call__(self, model, ids, *, opts, stats, **kw):
-        self.prompts.append(self.g.tokenizer.decode(ids))
-        stats.prompt_tokens, stats.finish_reason = len(ids), "stop"
+    def __call__(self, model, prompt, opts, *, stats, **kw):
+        self.prompts.append(self.g.tokenizer.decode(prompt.input_ids))
+        stats.prompt_tokens, stats.finish_reason = len(prompt), "stop"
         for token in self.g.tokenizer.encode(self.replies.pop(0)):
             stats.generated_tokens += 1
             yield token
@@ -166,8 +166,8 @@ def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
     user = chat.messages[0]["content"]
     assert [p["type"] for p in user] == ["image", "audio", "text"] and user[0]["path"] == image
     # Everything up to the previous model turn, the image and the speech included, came from the cache.
-    first_ids = g.encode(g.render(chat.history[:2]), chat._media[0])[0].tolist()
-    second_ids = g.encode(g.render(chat.history[:4]), chat._media[0])[0].tolist()
+    first_ids = g.encode(g.render(chat.history[:2]), chat._media[0]).input_ids.tolist()
+    second_ids = g.encode(g.render(chat.history[:4]), chat._media[0]).input_ids.tolist()
     held = first_ids + first.tokens[: len(first.tokens) - (first.finish_reason != "stop")]
     assert second.stats.reused_tokens == common_prefix(held, second_ids)
     assert second.stats.reused_tokens > max(i for i, t in enumerate(first_ids) if t in g.media_tokens.ids.values())
@@ -177,7 +177,7 @@ def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
     loaded = Chat.load(g, path, **GREEDY)
     assert loaded.messages == chat.messages and loaded.system == "Describe."
     text = g.render(loaded.history)
-    assert g.encode(text, loaded._media[0])[3] == g.encode(text, chat._media[0])[3]  # same media, same keys
+    assert g.encode(text, loaded._media[0]).keys == g.encode(text, chat._media[0]).keys  # same media, same keys
     assert loaded.ask("More?").tokens == chat.ask("More?").tokens
     # Media given as data has no path to come back from: loading says so and goes on without it.
     chat = Chat(g, **GREEDY)

@@ -12,7 +12,8 @@ import torch
 from gemma_mlx.api import Piece, _TextStream, load
 from gemma_mlx.cache import PromptCache, make_cache
 from gemma_mlx.errors import ContextLengthError, InputError
-from gemma_mlx.generation import GenerationStats, SamplingOptions, stream_tokens
+from gemma_mlx.generation import GenerationStats, RunOptions, SamplingOptions, stream_tokens
+from gemma_mlx.processing.prompt import PreparedPrompt
 from gemma_mlx.tiny import MEDIA_TOKEN_STRINGS
 from gemma_mlx.tokenizer import write_byte_tokenizer
 from hf_tiny import TOKENS, VOCAB
@@ -44,8 +45,13 @@ def hf_greedy(hf, ids, n, **inputs):
     return out[0, len(ids):].tolist()
 
 
-def ours(g, ids, opts, **kw):
-    return list(stream_tokens(g.model, np.array(ids), opts=opts, **kw))
+RUN_KEYS = {"prefill_chunk", "max_context", "checkpoint_at", "should_stop"}
+
+
+def ours(g, ids, opts, *, media=None, **kw):
+    prompt = PreparedPrompt.from_ids(ids, g.config.token_ids, media)
+    run = RunOptions(**{k: kw.pop(k) for k in RUN_KEYS & set(kw)})
+    return list(stream_tokens(g.model, prompt, opts, run=run, **kw))
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

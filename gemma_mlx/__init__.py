@@ -3,8 +3,8 @@
     import gemma_mlx
     gemma = gemma_mlx.load("google/gemma-4-12B-it")      # a hub id, a local HF checkpoint or an MLX directory
     print(gemma.generate("Hello!").content)               # or gemma_mlx.generate(gemma, "Hello!")
-    for piece in gemma_mlx.stream_generate(gemma, "Tell me a story"):
-        print(piece, end="")                              # piece.kind: "answer", "thinking" or "tool_call"
+    for event in gemma_mlx.stream_generate(gemma, "Tell me a story"):
+        print(event, end="")                              # event.kind: "answer", "thinking", "tool_call", "done"
     chat = gemma_mlx.Chat(gemma, system="Be brief.")      # history, thinking, tools, attachments, save/load
     logits = gemma(input_ids, pixel_values=..., image_position_ids=...)   # the raw forward
 """
@@ -24,7 +24,7 @@ from .errors import (
 
 # Imported on first use: `import gemma_mlx.<anything>` (the CLI's entry point first of all) stays light and starts
 # no thread before the entry point has set up Ctrl-C handling (see __main__.py).
-_LAZY = {"Gemma": "api", "Piece": "api", "Result": "api", "generate": "api", "load": "api",
+_LAZY = {"Gemma": "api", "Event": "events", "Result": "events", "generate": "api", "load": "api",
          "stream_generate": "api", "Chat": "chat"}
 
 
@@ -41,6 +41,6 @@ def __dir__():
 
 
 __all__ = [
-    "Chat", "ConfigError", "ContextLengthError", "ConvertError", "Gemma", "GemmaMLXError", "InputError",
-    "MediaError", "Piece", "Result", "TemplateError", "WeightsError", "generate", "load", "stream_generate",
+    "Chat", "ConfigError", "ContextLengthError", "ConvertError", "Event", "Gemma", "GemmaMLXError", "InputError",
+    "MediaError", "Result", "TemplateError", "WeightsError", "generate", "load", "stream_generate",
 ]

@@ -2,81 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 
 from .cache import PromptCache
 from .errors import InputError, TemplateError
-from .generation import GenerationStats, SamplingOptions, stream_tokens
-from .model import masks
+from .events import Event, Result, TextStream, final_result
+from .generation import GenerationStats, RunOptions, SamplingOptions, stream_tokens
 from .prefill import DEFAULT_PREFILL_CHUNK
 from .processing.audio import load_audio
 from .processing.image import preprocess_image
-from .processing.prompt import MediaTokens, prepare_prompt
+from .processing.prompt import MediaTokens, PreparedPrompt, prepare_prompt
 from .processing.video import load_video
 from .template import ChatTemplate
 from .tokenizer import Tokenizer, strip_marks
-from .tools import ParsedResponse, ToolCall, ToolCallError, split_response
 from .weights import load_model
 
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingOptions) if f.name not in ("eos_ids", "suppress_ids"))
-
-
-class Piece(str):
-    """A streamed piece of a model turn. It is the text itself; ``kind`` is "answer", "thinking" or "tool_call"."""
-
-    kind: str
-
-    def __new__(cls, text: str, kind: str = "answer"):
-        piece = super().__new__(cls, text)
-        piece.kind = kind
-        return piece
-
-    def __repr__(self) -> str:
-        return f"Piece({str.__repr__(self)}, kind={self.kind!r})"
-
-
-@dataclass
-class Result:
-    """A finished model turn: its raw text (special tokens written out), its parts, why it stopped, and stats."""
-
-    text: str
-    tokens: list[int]
-    parsed: ParsedResponse
-    finish_reason: str  # "stop" (EOS), "stop_string", "length" (max_tokens), "context", "interrupted"
-    stats: GenerationStats
-
-    @property
-    def content(self) -> str:
-        """The answer, without thought text or tool calls."""
-        return self.parsed.content
-
-    @property
-    def thinking(self) -> str | None:
-        """The thought text (None when the model did not think)."""
-        return self.parsed.thinking
-
-    @property
-    def tool_calls(self) -> list[ToolCall]:
-        """The tool calls that parsed."""
-        return self.parsed.tool_calls
-
-    @property
-    def tool_errors(self) -> list[ToolCallError]:
-        """Text that opened a tool call but did not parse, raw text kept."""
-        return self.parsed.errors
-
-    def as_dict(self) -> dict:
-        """The result as plain JSON data."""
-        return {"text": self.text, "content": self.content, "thinking": self.thinking,
-                "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in self.tool_calls],
-                "tool_errors": [{"raw": e.raw, "reason": e.reason} for e in self.tool_errors],
-                "finish_reason": self.finish_reason, "tokens": self.tokens, "stats": self.stats.as_dict()}
 
 
 @dataclass
@@ -110,101 +55,6 @@ def user_message(text: str, media: Attachments) -> dict:
 
 def _source_path(src) -> str | None:
     return str(Path(src).expanduser().resolve()) if isinstance(src, (str, os.PathLike)) else None
-
-
-def _fingerprint(array) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-
-
-class _TextStream:
-    """Generated tokens in, Pieces out: thought, tool-call and answer text apart, structural tokens hidden, and
-    text that could be the start of a stop string held back until it is known not to be one."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], hidden_ids):
-        self.tokenizer = tokenizer
-        self.detok = tokenizer.detokenizer()
-        switches = {"<|channel>": "thinking", "<channel|>": "answer", "<|tool_call>": "tool_call",
-                    "<tool_call|>": "answer"}
-        self.switch = {tokenizer.token_to_id(t): kind for t, kind in switches.items()
-                       if tokenizer.token_to_id(t) is not None}
-        self.hidden = set(hidden_ids)  # EOS ids: they end the turn, they are not text to show
-        self.stop = stop
-        self.kind = "answer"
-        self.header = ""  # the "thought\n" label after <|channel> names the channel; it is not thought text
-        self.text = ""  # everything, special tokens written out
-        self.pending: list[tuple[str, str, int]] = []  # (kind, visible text, its offset in self.text)
-        self.cut: int | None = None  # where a stop string starts, once one has appeared
-        self.searched = 0  # stop strings were looked for in text before this offset
-
-    def _visible(self, s: str) -> None:
-        if self.kind == "thinking" and self.header:
-            k = len(os.path.commonprefix([s, self.header]))
-            if k == len(s) or k == len(self.header):
-                self.header = self.header[k:]
-                self.text, s = self.text + s[:k], s[k:]
-            else:
-                self.header = ""
-        if s:
-            self.pending.append((self.kind, s, len(self.text)))
-            self.text += s
-
-    def add(self, token: int) -> list[Piece]:
-        """Pieces that can be shown now that token has been generated."""
-        s = self.detok.add_token(token)
-        if token in self.switch or token in self.hidden:
-            special = self.tokenizer.id_to_token(token) or ""
-            if s.endswith(special):  # text completed by this token (a held-back byte sequence) comes first
-                self._visible(s[: len(s) - len(special)])
-                self.text += special
-            else:
-                self._visible(s)
-            if token in self.switch:
-                self.kind = self.switch[token]
-                self.header = "thought\n" if self.kind == "thinking" else ""
-        else:
-            self._visible(s)
-        return self._flush()
-
-    def finish(self) -> list[Piece]:
-        """The last Pieces, once generation has ended."""
-        self._visible(self.detok.finalize())
-        return self._flush(final=True)
-
-    def _flush(self, final: bool = False) -> list[Piece]:
-        if self.stop and self.cut is None:
-            found = [i for i in (self.text.find(s, self.searched) for s in self.stop) if i >= 0]
-            if found:
-                self.cut = min(found)
-            self.searched = max(0, len(self.text) - max(map(len, self.stop)) + 1)
-        limit = self.cut if self.cut is not None else len(self.text) - (0 if final else self._held())
-        out: list[Piece] = []
-        while self.pending and self.pending[0][2] < limit:
-            kind, s, at = self.pending.pop(0)
-            if at + len(s) > limit:
-                self.pending.insert(0, (kind, s[limit - at:], limit))
-                s = s[: limit - at]
-            if out and out[-1].kind == kind:
-                out[-1] = Piece(out[-1] + s, kind)
-            else:
-                out.append(Piece(s, kind))
-        return out
-
-    def _held(self) -> int:
-        # The longest end of the text that a stop string begins with.
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    @property
-    def stopped(self) -> bool:
-        return self.cut is not None
-
-    def final_text(self) -> str:
-        return self.text if self.cut is None else self.text[: self.cut]
 
 
 class Gemma:
@@ -271,8 +121,9 @@ class Gemma:
                                     add_generation_prompt=add_generation_prompt,
                                     escape=None if allow_special_in_content else self.tokenizer.protect)
 
-    def encode(self, text: str, media: Attachments | None = None, *, allow_special_in_content: bool = False):
-        """(token ids, token types, model media inputs, cache keys) of a rendered prompt with placeholders.
+    def encode(self, text: str, media: Attachments | None = None, *,
+               allow_special_in_content: bool = False) -> PreparedPrompt:
+        """The PreparedPrompt (ids, token types, media spans and inputs, cache keys) of a rendered prompt.
 
         Text that render marked as content is read as plain text; allow_special_in_content=True drops the marks
         first, so every special-token string in text is a control token.
@@ -283,30 +134,8 @@ class Gemma:
         if self.media_tokens is None:
             if media:
                 raise InputError("this model takes text only")
-            ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
-            return ids, np.zeros_like(ids), {}, ids.tolist()
-        prompt = prepare_prompt(text, self.tokenizer, self.media_tokens, media.images, media.audios, media.videos)
-        return prompt.input_ids, prompt.token_types, prompt.media, self._token_keys(prompt)
-
-    @staticmethod
-    def _token_keys(prompt) -> list:
-        """Token ids, each media soft token paired with a fingerprint of the item (image, frame, clip) it is from."""
-        m = prompt.media
-        prints = {
-            masks.TOKEN_TYPE_IMAGE: [_fingerprint(p) for p in m.get("pixel_values", [])],
-            masks.TOKEN_TYPE_VIDEO: [_fingerprint(p) for p in m.get("video_pixel_values", [])],
-            masks.TOKEN_TYPE_AUDIO: [_fingerprint(a) for a in m.get("audio_features", [])],
-        }
-        keys, run = [], {k: -1 for k in prints}
-        types = prompt.token_types.tolist()
-        for i, (tok, kind) in enumerate(zip(prompt.input_ids.tolist(), types)):
-            if kind == 0:
-                keys.append(tok)
-                continue
-            if i == 0 or types[i - 1] != kind:  # each image, frame and clip is one contiguous run
-                run[kind] += 1
-            keys.append((tok, prints[kind][run[kind]]))
-        return keys
+            return PreparedPrompt.from_ids(self.tokenizer.encode(text), {}, text=text)
+        return prepare_prompt(text, self.tokenizer, self.media_tokens, media.images, media.audios, media.videos)
 
     def new_cache(self, max_context: int | None = None) -> PromptCache:
         """An empty prompt cache: pass it to successive calls so each prefills only what differs."""
@@ -326,32 +155,25 @@ class Gemma:
         return (opts.greedy() if overrides.get("greedy") else opts).check()
 
     def stream_text(self, text: str, media: Attachments | None = None, *, opts: SamplingOptions,
-                    cache: PromptCache | None = None, max_context: int | None = None,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, checkpoint_at: int | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> Iterator[Piece | Result]:
-        """Stream Pieces of the reply to a rendered prompt, then one final Result."""
-        ids, types, model_media, keys = self.encode(text, media)
+                    cache: PromptCache | None = None, run: RunOptions = RunOptions()) -> Iterator[Event]:
+        """Events of the reply to a rendered prompt: its text pieces, then the final event with the Result."""
+        prompt = self.encode(text, media)
         stats = GenerationStats()
-        stream = _TextStream(self.tokenizer, opts.stop, opts.eos_ids)
-        tokens = []
-        for token in stream_tokens(self.model, ids, opts=opts, cache=cache, media=model_media, token_types=types,
-                                   token_keys=keys, prefill_chunk=prefill_chunk, max_context=max_context,
-                                   stats=stats, checkpoint_at=checkpoint_at, should_stop=should_stop):
-            tokens.append(token)
+        stream = TextStream(self.tokenizer, opts.stop, opts.eos_ids)
+        for token in stream_tokens(self.model, prompt, opts, cache=cache, run=run, stats=stats):
             yield from stream.add(token)
             if stream.stopped:
                 stats.finish_reason = "stop_string"
                 break
         yield from stream.finish()
-        text = stream.final_text()
-        yield Result(text, tokens, split_response(text), stats.finish_reason, stats)
+        yield stream.final_event(stats.finish_reason, stats)
 
     def stream(self, prompt: str | list[dict], *, images=(), audios=(), videos=(), system: str | None = None,
                tools: list | None = None, enable_thinking: bool = False, cache: PromptCache | None = None,
                max_context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                should_stop: Callable[[], bool] | None = None, allow_special_in_content: bool = False,
-               **sampling) -> Iterator[Piece | Result]:
-        """Stream Pieces of the reply to a prompt (a user message, or a whole message list), then its Result.
+               **sampling) -> Iterator[Event]:
+        """Events of the reply to a prompt (a user message, or a whole message list): text, then the Result.
 
         images/audios/videos (paths, bytes, PIL images, arrays; (array, rate) for audio) are attached to the user
         message, or fill the media parts of a message list in order. sampling: temperature, top_k, top_p, min_p,
@@ -368,19 +190,12 @@ class Gemma:
             messages = [{"role": "system", "content": system}] + messages
         text = self.render(messages, tools=tools, enable_thinking=enable_thinking,
                            allow_special_in_content=allow_special_in_content)
-        yield from self.stream_text(text, media, opts=opts, cache=cache, max_context=max_context,
-                                    prefill_chunk=prefill_chunk, should_stop=should_stop)
+        run = RunOptions(prefill_chunk=prefill_chunk, max_context=max_context, should_stop=should_stop)
+        yield from self.stream_text(text, media, opts=opts, cache=cache, run=run)
 
     def generate(self, prompt: str | list[dict], **kwargs) -> Result:
         """The finished reply to a prompt (keywords as for stream)."""
-        return _last(self.stream(prompt, **kwargs))
-
-
-def _last(stream) -> Result:
-    result = None
-    for item in stream:
-        result = item
-    return result
+        return final_result(self.stream(prompt, **kwargs))
 
 
 def load(model: str | os.PathLike, *, dtype=None, revision: str | None = None,
@@ -396,9 +211,8 @@ def generate(model: Gemma | str | os.PathLike, prompt: str | list[dict], **kwarg
     return g.generate(prompt, **kwargs)
 
 
-def stream_generate(model: Gemma | str | os.PathLike, prompt: str | list[dict], **kwargs) -> Iterator[Piece]:
-    """Pieces of the reply as they are generated (str; ``piece.kind`` tells thinking and tool calls apart)."""
+def stream_generate(model: Gemma | str | os.PathLike, prompt: str | list[dict], **kwargs) -> Iterator[Event]:
+    """Events of the reply as it is generated (``event.kind`` tells thinking and tool calls apart; the last
+    event, ``event.done``, carries the Result); keywords as for Gemma.stream."""
     g = model if isinstance(model, Gemma) else load(model)
-    for item in g.stream(prompt, **kwargs):
-        if isinstance(item, Piece):
-            yield item
+    yield from g.stream(prompt, **kwargs)

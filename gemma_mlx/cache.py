@@ -321,8 +321,12 @@ class PromptCache:
             self.trim(offset - len(self.keys))
         del self.keys[offset:]
 
-    def rewind(self, keys: list, token_types: np.ndarray | None = None) -> int:
-        """Roll the caches back to the longest prefix of keys they can reuse; return its length."""
+    def rewind(self, keys: list, spans=()) -> int:
+        """Roll the caches back to the longest prefix of keys they can reuse; return its length.
+
+        spans: the prompt's media spans (PreparedPrompt.spans); the prefix never ends inside one, since a vision
+        block attends both ways and must run whole.
+        """
         self._reconcile()
         n = 0
         for a, b in zip(self.keys, keys):
@@ -330,11 +334,9 @@ class PromptCache:
                 break
             n += 1
         n = min(n, len(keys) - 1)  # the last prompt token must run to give the next token's logits
-        if token_types is not None:
-            # Never resume inside a media run: a vision block attends both ways and must run whole, and the
-            # prefill embeds media item by item.
-            while 0 < n < len(keys) and token_types[n] != 0 and token_types[n - 1] == token_types[n]:
-                n -= 1
+        for span in spans:
+            if span.start < n < span.end:
+                n = span.start
         if len(self.keys) - n <= self.max_trim():
             self.trim(len(self.keys) - n)
         elif self.checkpoint is not None and self.checkpoint[0] <= n:

@@ -14,7 +14,9 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .api import Attachments, Gemma, Piece, Result, _last, user_message
+from .api import Attachments, Gemma, user_message
+from .events import Event, Result, TextStream, final_result
+from .generation import GenerationStats, RunOptions
 from .errors import InputError
 from .prefill import DEFAULT_PREFILL_CHUNK
 
@@ -22,7 +24,9 @@ from .prefill import DEFAULT_PREFILL_CHUNK
 class Chat:
     """A conversation with history, system prompt, thinking, tools and attachments.
 
-    ``send`` streams the reply to a user message (Pieces, then the Result); ``ask`` returns the Result.
+    ``send`` streams the reply to a user message (text Events, then the final one with the Result); ``ask``
+    returns the Result. A turn stopped mid-answer (should_stop, or Ctrl-C) keeps what was said, marked
+    ``"interrupted": True`` in its message; one stopped before its first token leaves the history as it was.
     When the model calls tools, run them and hand their results to ``send_tool_results``: the model goes on with
     the same turn.
     """
@@ -56,7 +60,7 @@ class Chat:
     # -- turns ----------------------------------------------------------------------------------------
 
     def send(self, text: str, *, images=(), audios=(), videos=(), enable_thinking: bool | None = None,
-             should_stop: Callable[[], bool] | None = None, **media_options) -> Iterator[Piece | Result]:
+             should_stop: Callable[[], bool] | None = None, **media_options) -> Iterator[Event]:
         """Stream the reply to a user message with optional attachments (paths, bytes, PIL images, arrays)."""
         media = self.gemma.load_media(images, audios, videos, **media_options)
         self.messages.append(user_message(text, media))
@@ -65,10 +69,10 @@ class Chat:
 
     def ask(self, text: str, **kwargs) -> Result:
         """The finished reply to a user message (keywords as for send)."""
-        return _last(self.send(text, **kwargs))
+        return final_result(self.send(text, **kwargs))
 
     def send_tool_results(self, results: list[dict], *, should_stop: Callable[[], bool] | None = None
-                          ) -> Iterator[Piece | Result]:
+                          ) -> Iterator[Event]:
         """Give the model the results of its pending tool calls and stream the rest of its turn.
 
         results: [{"name": tool name, "response": dict or any JSON value}], one per call, in order.
@@ -87,9 +91,9 @@ class Chat:
 
     def ask_tool_results(self, results: list[dict], **kwargs) -> Result:
         """The rest of the model's turn once it has the results of its tool calls (see send_tool_results)."""
-        return _last(self.send_tool_results(results, **kwargs))
+        return final_result(self.send_tool_results(results, **kwargs))
 
-    def retry(self, *, should_stop: Callable[[], bool] | None = None) -> Iterator[Piece | Result]:
+    def retry(self, *, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Stream a new reply to the last user message, replacing the previous reply."""
         last_user = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
         if last_user is None or last_user == len(self.messages) - 1:
@@ -106,7 +110,7 @@ class Chat:
         self._media.pop()
         self.last = None
 
-    def _turn(self, enable_thinking: bool | None, should_stop, mode: str) -> Iterator[Piece | Result]:
+    def _turn(self, enable_thinking: bool | None, should_stop, mode: str) -> Iterator[Event]:
         """Stream the model's turn; mode is "send" (a new user message), "retry" or "tools" (after results)."""
         g = self.gemma
         thinking = self.enable_thinking if enable_thinking is None else enable_thinking
@@ -121,19 +125,38 @@ class Chat:
         for m in self._media:
             media.extend(m)
         before = len(self.messages)
+        opts = g.options(**self.sampling)
+        run = RunOptions(prefill_chunk=self.prefill_chunk, max_context=self.max_context,
+                         checkpoint_at=-len(tail) if tail else None, should_stop=should_stop)
+        tokens: list[int] = []  # what has been streamed, to keep if a hard interrupt ends the turn
+        recorded = False
         try:
-            for item in g.stream_text(text, media, opts=g.options(**self.sampling), cache=self.cache,
-                                      max_context=self.max_context, prefill_chunk=self.prefill_chunk,
-                                      checkpoint_at=-len(tail) if tail else None, should_stop=should_stop):
-                if isinstance(item, Result):
-                    self._record(item, mode)
-                yield item
-        except BaseException as e:
-            self._forget_turn(before, mode)
-            if isinstance(e, KeyboardInterrupt):
-                # A hard interrupt can land halfway through writing the caches: start them afresh.
-                self.cache.reset()
+            for event in g.stream_text(text, media, opts=opts, cache=self.cache, run=run):
+                tokens += event.tokens
+                if event.done:
+                    self._record(event.result, mode)
+                    recorded = True
+                yield event
+        except KeyboardInterrupt:
+            # A hard interrupt can land halfway through writing the caches: start them afresh. What was said is
+            # kept as an interrupted reply, as when should_stop ends the turn.
+            self.cache.reset()
+            if not recorded:
+                self._record(self._interrupted_result(tokens, opts), mode)
             raise
+        except BaseException:
+            if not recorded:
+                self._forget_turn(before, mode)
+            raise
+
+    def _interrupted_result(self, tokens: list[int], opts) -> Result:
+        """The Result of a turn cut off after tokens, decoded again from its token ids."""
+        stream = TextStream(self.gemma.tokenizer, opts.stop, opts.eos_ids)
+        for token in tokens:
+            stream.add(token)
+        stream.finish()
+        stats = GenerationStats(generated_tokens=len(tokens), finish_reason="interrupted")
+        return stream.final_event("interrupted", stats).result
 
     def _forget_turn(self, before: int, mode: str) -> None:
         # A turn that failed or was stopped before its first token leaves the history as it was before it.
@@ -164,10 +187,14 @@ class Chat:
                 message["text_before_calls"] = content
         if result.thinking:
             message["reasoning_content"] = result.thinking
+        if result.finish_reason == "interrupted":
+            message["interrupted"] = True  # kept, and marked: the reply was cut off (the template ignores the mark)
         if continuing and not result.tool_calls:
             self.messages[-1]["content"] = content  # the answer closes the same model turn
             if result.thinking:
                 self.messages[-1]["reasoning_content"] = result.thinking
+            if message.get("interrupted"):
+                self.messages[-1]["interrupted"] = True
         else:
             self.messages.append(message)
 

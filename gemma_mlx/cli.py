@@ -258,7 +258,7 @@ class _StopFlag:
 
 
 class _Printer:
-    """Prints a stream of Pieces: the answer plainly, thought text dim and labelled, tool-call text in magenta.
+    """Prints a stream of Events: the answer plainly, thought text dim and labelled, tool-call text in magenta.
 
     With thinking_to_stderr (generate), thought text and notes go to standard error: stdout is the answer only.
     """
@@ -269,19 +269,20 @@ class _Printer:
         self.kind, self.started = None, False
         self.thinking_err = thinking_to_stderr
 
-    def piece(self, piece) -> None:
-        err = self.thinking_err and piece.kind == "thinking"
-        if piece.kind != self.kind:
+    def text(self, event) -> None:
+        """Print one text event in the style of its kind."""
+        err = self.thinking_err and event.kind == "thinking"
+        if event.kind != self.kind:
             if self.kind == "thinking":  # the thought is over: the answer starts on a line of its own
                 click.echo("\n" if self.thinking_err else "\n\n", nl=False, err=self.thinking_err)
-            if piece.kind == "thinking":
+            if event.kind == "thinking":
                 click.secho("[thinking] ", fg="cyan", bold=True, nl=False, err=err)
-            self.kind, self.started = piece.kind, False
-        text = str(piece) if self.started else piece.lstrip()  # no blank start after a label or the prompt
+            self.kind, self.started = event.kind, False
+        text = event.text if self.started else event.text.lstrip()  # no blank start after a label or the prompt
         if not text:
             return
         self.started = True
-        style = self.STYLE.get(piece.kind)
+        style = self.STYLE.get(event.kind)
         if style:
             click.secho(text, nl=False, err=err, **style)
         else:
@@ -299,16 +300,14 @@ class _Printer:
         elif result.finish_reason == "interrupted":
             click.secho("[stopped]", fg="yellow", err=self.thinking_err)
 
-    def stream(self, stream):
-        """Print the stream; return its Result."""
-        from .api import Piece
-
+    def stream(self, events):
+        """Print a stream of Events; return its Result (None if it ended without one)."""
         result = None
-        for item in stream:
-            if isinstance(item, Piece):
-                self.piece(item)
+        for event in events:
+            if event.done:
+                result = event.result
             else:
-                result = item
+                self.text(event)
         if result is not None:
             self.result(result)
         return result
@@ -359,9 +358,9 @@ def generate(model, prompt, images, audios, videos, system, as_json, stats, **kw
                           enable_thinking=kw["think"], max_context=kw["max_context"],
                           prefill_chunk=kw["prefill_chunk"], should_stop=flag, **_sampling(kw))
         if as_json:
-            from .api import _last
+            from .events import final_result
 
-            result = _last(stream)
+            result = final_result(stream)
             click.echo(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
         else:
             result = _Printer(thinking_to_stderr=True).stream(stream)
@@ -469,8 +468,8 @@ class _Repl:
         try:
             with self.flag.armed():
                 result = _Printer().stream(stream_fn(should_stop=self.flag))
-        except KeyboardInterrupt:  # a second Ctrl-C: the turn is dropped
-            click.secho("\n[stopped; that message was dropped]", fg="yellow")
+        except KeyboardInterrupt:  # a second Ctrl-C: the turn ends at once, what was said is kept (marked)
+            click.secho("\n[stopped]", fg="yellow")
             return
         if result is not None and self.speed:
             click.secho(result.stats.summary(), fg="bright_black")

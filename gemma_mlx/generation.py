@@ -7,7 +7,6 @@ streaming all overlap device work. Sampling and penalties are sampling.py's (mlx
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import PromptCache
-from .errors import ContextLengthError, InputError, WeightsError
-from .model import masks
+from .errors import ContextLengthError, InputError
 from .prefill import DEFAULT_PREFILL_CHUNK, prefill
 from .sampling import PENALTY_CONTEXT, SEED_LIMIT, RowSampler, sample
+from .processing.prompt import PreparedPrompt
 
 
 @dataclass(frozen=True)
@@ -164,26 +163,6 @@ def peak_memory_gb() -> float:
     return peak / 1e9
 
 
-def media_after(media: dict, token_types: np.ndarray, start: int) -> dict:
-    """The media inputs whose soft tokens lie at or after start (a media run never straddles start)."""
-    if not media or start == 0:
-        return media
-    types = np.asarray(token_types)[:start]
-    runs = {}
-    for kind in (masks.TOKEN_TYPE_IMAGE, masks.TOKEN_TYPE_VIDEO, masks.TOKEN_TYPE_AUDIO):
-        inside = types == kind
-        runs[kind] = int(inside[0]) + int(np.sum(inside[1:] & ~inside[:-1])) if len(inside) else 0
-    kind_of = {"pixel_values": masks.TOKEN_TYPE_IMAGE, "image_position_ids": masks.TOKEN_TYPE_IMAGE,
-               "video_pixel_values": masks.TOKEN_TYPE_VIDEO, "video_position_ids": masks.TOKEN_TYPE_VIDEO,
-               "audio_features": masks.TOKEN_TYPE_AUDIO, "audio_mask": masks.TOKEN_TYPE_AUDIO}
-    out = {}
-    for key, value in media.items():
-        rest = value[runs[kind_of[key]]:]
-        if len(rest):
-            out[key] = rest
-    return out
-
-
 def _make_step(model, opts: SamplingOptions):
     """(first, step): first samples from prompt logits; step runs one token through the model and samples."""
     cfg = model.config
@@ -204,40 +183,50 @@ def _make_step(model, opts: SamplingOptions):
     return first, step
 
 
-def stream_tokens(model, input_ids, *, opts: SamplingOptions, cache: PromptCache | None = None,
-                  media: dict | None = None, token_types: np.ndarray | None = None, token_keys: list | None = None,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_context: int | None = None,
-                  stats: GenerationStats | None = None, checkpoint_at: int | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
-    """Yield generated token ids (an EOS that ends generation included) for a prompt of token ids.
+@dataclass(frozen=True)
+class RunOptions:
+    """How one generation runs, apart from what it samples: prefill chunking, context limit, checkpoint, stopping.
 
-    With a PromptCache, the longest prefix it holds is reused and only the rest is prefilled; checkpoint_at marks
-    where the next prompt is expected to part from this one (a snapshot is kept there; negative counts from the
-    end). should_stop is polled between prefill chunks and between tokens; when it says so, generation ends with
-    finish_reason "interrupted". A prompt that leaves no room in max_context is a ContextLengthError; one that
-    leaves less than max_tokens ends with finish_reason "context" when the room is used up.
+    checkpoint_at marks where the next prompt is expected to part from this one (a snapshot of the caches is
+    kept there; negative counts from the end). should_stop is polled between prefill chunks and between tokens.
+    """
+
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    max_context: int | None = None
+    checkpoint_at: int | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def stream_tokens(model, prompt: PreparedPrompt, opts: SamplingOptions, *, cache: PromptCache | None = None,
+                  run: RunOptions = RunOptions(), stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids (an EOS that ends generation included) for a prepared prompt.
+
+    With a PromptCache, the longest prefix it holds is reused and only the rest is prefilled. When should_stop
+    says so, generation ends with finish_reason "interrupted". A prompt that leaves no room in max_context is a
+    ContextLengthError; one that leaves less than max_tokens ends with finish_reason "context" when the room is
+    used up. stats, when given, is filled in as generation goes.
     """
     opts.check()
-    ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
+    ids = prompt.input_ids
     if not len(ids):
         raise InputError("the prompt is empty")
-    limit = max_context or model.config.text.max_position_embeddings
+    limit = run.max_context or model.config.text.max_position_embeddings
     if len(ids) >= limit:
         raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context allowed is {limit} tokens, "
                                  f"which leaves no room for an answer; shorten the prompt (or the conversation) "
                                  f"or allow a longer context")
     budget = min(opts.max_tokens, limit - len(ids))
+    checkpoint_at = run.checkpoint_at
     if checkpoint_at is not None and checkpoint_at < 0:
         checkpoint_at += len(ids)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
-    types = np.asarray(token_types).reshape(-1) if token_types is not None else model.token_types(ids)
-    keys = list(token_keys) if token_keys is not None else ids.tolist()
-    cache = cache if cache is not None else PromptCache.new(model, max_context=max_context)
-    reuse = stats.reused_tokens = cache.rewind(keys, types)
-    cache.keys = keys  # claimed before the caches are written; the next rewind reconciles after an interrupt
+    cache = cache if cache is not None else PromptCache.new(model, max_context=run.max_context)
+    reuse = stats.reused_tokens = cache.rewind(prompt.keys, prompt.spans)
+    cache.keys = list(prompt.keys)  # claimed before the caches are written; the next rewind reconciles
     first, step = _make_step(model, opts)
     mx.reset_peak_memory()
+    should_stop = run.should_stop
 
     def on_chunk(done, total):
         if should_stop is not None and should_stop():
@@ -245,14 +234,13 @@ def stream_tokens(model, input_ids, *, opts: SamplingOptions, cache: PromptCache
 
     start = time.perf_counter()
     try:
-        embeddings = model.embed_inputs(ids[None, reuse:], **media_after(media or {}, types, reuse))
-        if checkpoint_at is not None and reuse <= checkpoint_at < len(ids):
+        if checkpoint_at is not None and reuse <= checkpoint_at < len(ids) and not any(
+                s.start < checkpoint_at < s.end for s in prompt.spans):
             if reuse < checkpoint_at:
-                prefill(model, embeddings[:, : checkpoint_at - reuse], types[None, reuse:checkpoint_at],
-                        cache.caches, prefill_chunk, on_chunk)
+                prefill(model, prompt, cache.caches, reuse, checkpoint_at, run.prefill_chunk, on_chunk)
             cache.checkpoint = (checkpoint_at, cache.snapshot())
-            embeddings, reuse = embeddings[:, checkpoint_at - reuse:], checkpoint_at
-        hidden = prefill(model, embeddings, types[None, reuse:], cache.caches, prefill_chunk, on_chunk)
+            reuse = checkpoint_at
+        hidden = prefill(model, prompt, cache.caches, reuse, len(ids), run.prefill_chunk, on_chunk)
     except _Interrupted:
         stats.prompt_seconds, stats.finish_reason = time.perf_counter() - start, "interrupted"
         stats.peak_memory_gb = peak_memory_gb()

@@ -64,3 +64,16 @@ def test_prompt_cache_trims_and_restores_every_layer():
     assert cache.trim(2) == 2 and cache.offset == 8 and cache.caches[2].offset == 8
     cache.restore(snap)
     assert cache.offset == 10 and cache.caches[0].max_trim() == 2
+
+
+def test_rewind_never_resumes_inside_a_media_span():
+    from gemma_mlx.processing.prompt import MediaSpan
+
+    cache = PromptCache([FullCache(step=8)])
+    cache.caches[0].update(*kv(0, 6))
+    keys = [1, 2, (7, "a"), (7, "a"), (7, "a"), 3, 4]
+    cache.keys = keys[:6]  # e.g. a prefill interrupted after position 5
+    assert cache.rewind(keys, [MediaSpan("image", 2, 5, 0, "a")]) == 6  # past the span: all reused
+    cache.keys = keys[:4]  # keys behind the caches (an interrupt between the two): reconciled to 4 first
+    assert cache.rewind(keys, [MediaSpan("audio", 2, 5, 0, "a")]) == 2  # inside it: back to its start
+    assert cache.offset == 2 and cache.keys == keys[:2]

@@ -14,6 +14,7 @@ from gemma_mlx import api
 from gemma_mlx.cache import make_cache
 from gemma_mlx.chat import Chat
 from gemma_mlx.errors import ContextLengthError, InputError
+from gemma_mlx.events import final_result
 from gemma_mlx.cache import PromptCache
 from gemma_mlx.tiny import write_demo_model
 
@@ -51,7 +52,7 @@ def test_turns_follow_the_template_reuse_the_cache_and_equal_fresh_runs(g, ring_
     for question in ("What is MLX?", "And Metal?", "Thanks!"):
         result = chat.ask(question)
         conversation = chat.history[:-1]
-        ids = g.encode(g.render(conversation))[0].tolist()
+        ids = g.encode(g.render(conversation)).input_ids.tolist()
         assert result.stats.prompt_tokens == len(ids)
         assert result.tokens == g.generate(conversation, **GREEDY).tokens  # a fresh run, no cache
         if held:
@@ -67,10 +68,10 @@ def test_retry_after_the_ring_wrapped_repeats_the_answer(g):
     chat = Chat(g, **GREEDY)
     chat.cache = PromptCache(make_cache(g.config.text, ring_extra=2))
     first = chat.ask("Tell me something.")
-    again = api._last(chat.retry())
+    again = final_result(chat.retry())
     assert again.tokens == first.tokens and len(chat.messages) == 2
     head = g.render(chat.history[:1], add_generation_prompt=False)
-    assert again.stats.reused_tokens == len(g.encode(head)[0])  # the checkpoint: only the model turn re-runs
+    assert again.stats.reused_tokens == len(g.encode(head))  # the checkpoint: only the model turn re-runs
 
 
 class Script:
@@ -80,9 +81,9 @@ class Script:
         self.g, self.replies, self.prompts = g, list(replies), []
         monkeypatch.setattr(api, "stream_tokens", self)
 
-    def __call__(self, model, ids, *, opts, stats, **kw):
-        self.prompts.append(self.g.tokenizer.decode(ids))
-        stats.prompt_tokens, stats.finish_reason = len(ids), "stop"
+    def __call__(self, model, prompt, opts, *, stats, **kw):
+        self.prompts.append(self.g.tokenizer.decode(prompt.input_ids))
+        stats.prompt_tokens, stats.finish_reason = len(prompt), "stop"
         for token in self.g.tokenizer.encode(self.replies.pop(0)):
             stats.generated_tokens += 1
             yield token
@@ -142,7 +143,9 @@ def test_stopped_and_failed_turns(g):
     polls = iter(range(1000))
     partial = chat.ask("Go on and on.", should_stop=lambda: next(polls) >= 4)
     assert partial.finish_reason == "interrupted" and 0 < len(partial.tokens) < 200
-    assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # what was said is kept
+    # What was said is kept, marked as cut off, and the next turn sees it as the model's reply.
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    assert chat.messages[1] == {"role": "assistant", "content": partial.content, "interrupted": True}
     unanswered = chat.ask("Again?", should_stop=lambda: True)
     assert unanswered.tokens == [] and len(chat.messages) == 2  # stopped before a word: the message is dropped
     chat.max_context = 40
@@ -152,10 +155,37 @@ def test_stopped_and_failed_turns(g):
     chat.max_context = None
     after = chat.ask("Still there?")
     assert after.stats.reused_tokens > 0 and len(chat.messages) == 4
+    assert "interrupted" not in chat.messages[3]
     chat.undo()
     assert len(chat.messages) == 2
     chat.reset()
     assert chat.messages == [] and chat.last is None
+
+
+def test_a_hard_interrupt_keeps_what_was_streamed_marked(g):
+    """A second Ctrl-C (KeyboardInterrupt) ends the turn at once: the text streamed so far is kept, marked, and
+    the caches start afresh (it may have landed between two layers' writes)."""
+    chat = Chat(g, max_tokens=200, seed=0)
+    polls = iter(range(1000))
+
+    def hard_stop():
+        if next(polls) >= 6:
+            raise KeyboardInterrupt
+        return False
+
+    streamed = []
+    with pytest.raises(KeyboardInterrupt):
+        for event in chat.send("Go on and on.", should_stop=hard_stop):
+            streamed += event.tokens
+    assert streamed and chat.last.tokens == streamed and chat.last.finish_reason == "interrupted"
+    assert chat.messages[-1] == {"role": "assistant", "content": chat.last.content, "interrupted": True}
+    assert chat.cache.keys == [] and chat.cache.offset == 0
+    after = chat.ask("Still there?")
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2 and after.tokens
+    # Before its first token, a hard interrupt drops the message, as a soft one does.
+    with pytest.raises(KeyboardInterrupt):
+        list(chat.send("Once more.", should_stop=lambda: (_ for _ in ()).throw(KeyboardInterrupt)))
+    assert len(chat.messages) == 4
 
 
 def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
@@ -169,8 +199,8 @@ def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
     # symlink), so that is what to expect, not the spelling given.
     assert [p["type"] for p in user] == ["image", "audio", "text"] and user[0]["path"] == str(Path(image).resolve())
     # Everything up to the previous model turn, the image and the speech included, came from the cache.
-    first_ids = g.encode(g.render(chat.history[:2]), chat._media[0])[0].tolist()
-    second_ids = g.encode(g.render(chat.history[:4]), chat._media[0])[0].tolist()
+    first_ids = g.encode(g.render(chat.history[:2]), chat._media[0]).input_ids.tolist()
+    second_ids = g.encode(g.render(chat.history[:4]), chat._media[0]).input_ids.tolist()
     held = first_ids + first.tokens[: len(first.tokens) - (first.finish_reason != "stop")]
     assert second.stats.reused_tokens == common_prefix(held, second_ids)
     assert second.stats.reused_tokens > max(i for i, t in enumerate(first_ids) if t in g.media_tokens.ids.values())
@@ -180,7 +210,7 @@ def test_attachments_reuse_and_save_load(g, fixtures_dir, tmp_path):
     loaded = Chat.load(g, path, **GREEDY)
     assert loaded.messages == chat.messages and loaded.system == "Describe."
     text = g.render(loaded.history)
-    assert g.encode(text, loaded._media[0])[3] == g.encode(text, chat._media[0])[3]  # same media, same keys
+    assert g.encode(text, loaded._media[0]).keys == g.encode(text, chat._media[0]).keys  # same media, same keys
     assert loaded.ask("More?").tokens == chat.ask("More?").tokens
     # Media given as data has no path to come back from: loading says so and goes on without it.
     chat = Chat(g, **GREEDY)
@@ -197,9 +227,11 @@ def test_python_api(g):
     ids = np.array([[2, 105, 40, 41]])
     assert g(ids).shape == (1, 4, g.config.text.vocab_size)  # the raw forward
     result = gemma_mlx.generate(g, "Hello", **GREEDY)
-    pieces = list(gemma_mlx.stream_generate(str(g.model_dir), "Hello", **GREEDY))
-    assert all(isinstance(p, str) and p.kind == "answer" for p in pieces)
-    assert "".join(pieces).strip() == result.content
+    events = list(gemma_mlx.stream_generate(str(g.model_dir), "Hello", **GREEDY))
+    assert all(isinstance(e, gemma_mlx.Event) for e in events) and events[-1].done
+    assert all(e.kind == "answer" for e in events[:-1])
+    assert "".join(map(str, events)).strip() == result.content
+    assert events[-1].result.tokens == result.tokens
     assert json.loads(json.dumps(result.as_dict()))["finish_reason"] == "length"
     cache = g.new_cache()
     g.generate("Hello", cache=cache, **GREEDY)

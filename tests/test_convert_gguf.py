@@ -502,6 +502,7 @@ def test_real_gemma3_270m_greedy_tokens_equal_transformers(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from gemma_mlx.generation import SamplingOptions, stream_tokens
+    from gemma_mlx.processing.prompt import PreparedPrompt
     from gemma_mlx.tokenizer import Tokenizer
 
     path = pkg.assemble(site / pkg.MODEL_NAME)
@@ -514,7 +515,8 @@ def test_real_gemma3_270m_greedy_tokens_equal_transformers(tmp_path_factory):
     with torch.no_grad():
         want = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     model, _ = load_model(work / "f32")
-    got = list(stream_tokens(model, np.array(ids), opts=SamplingOptions(temperature=0.0, max_tokens=24, eos_ids=(1,))))
+    prompt = PreparedPrompt.from_ids(ids, model.config.token_ids)
+    got = list(stream_tokens(model, prompt, SamplingOptions(temperature=0.0, max_tokens=24, eos_ids=(1,))))
     assert got == want
 
     text = Path(__file__).read_text()[:2500]

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_mlx.api import Piece, _TextStream, load
+from gemma_mlx.api import load
 from gemma_mlx.cache import PromptCache, make_cache
 from gemma_mlx.errors import ContextLengthError, InputError
-from gemma_mlx.generation import GenerationStats, SamplingOptions, stream_tokens
+from gemma_mlx.events import Event, TextStream
+from gemma_mlx.generation import GenerationStats, RunOptions, SamplingOptions, stream_tokens
+from gemma_mlx.processing.prompt import PreparedPrompt
 from gemma_mlx.tiny import MEDIA_TOKEN_STRINGS
 from gemma_mlx.tokenizer import write_byte_tokenizer
 from hf_tiny import TOKENS, VOCAB
@@ -44,8 +46,13 @@ def hf_greedy(hf, ids, n, **inputs):
     return out[0, len(ids):].tolist()
 
 
-def ours(g, ids, opts, **kw):
-    return list(stream_tokens(g.model, np.array(ids), opts=opts, **kw))
+RUN_KEYS = {"prefill_chunk", "max_context", "checkpoint_at", "should_stop"}
+
+
+def ours(g, ids, opts, *, media=None, **kw):
+    prompt = PreparedPrompt.from_ids(ids, g.config.token_ids, media)
+    run = RunOptions(**{k: kw.pop(k) for k in RUN_KEYS & set(kw)})
+    return list(stream_tokens(g.model, prompt, opts, run=run, **kw))
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -174,8 +181,8 @@ def test_stop_strings_are_never_streamed(tiny):
     enc = g.tokenizer.encode
 
     def run(text, stop):
-        s = _TextStream(g.tokenizer, stop, (106,))
-        pieces = [p for t in enc(text) for p in s.add(t)] + s.finish()
+        s = TextStream(g.tokenizer, stop, (106,))
+        pieces = [p.text for t in enc(text) for p in s.add(t)] + [p.text for p in s.finish()]
         assert not any("\ufffd" in p for p in pieces)  # never half a character
         return "".join(pieces), s.final_text(), s.stopped
 
@@ -186,24 +193,39 @@ def test_stop_strings_are_never_streamed(tiny):
     result = g.generate("hello", greedy=True, max_tokens=20)
     if len(result.content) > 4:
         stop = result.content[2:4]
-        pieces, final = [], None
-        for item in g.stream("hello", greedy=True, max_tokens=20, stop=[stop]):
-            (pieces.append(item) if isinstance(item, Piece) else None)
-            final = item
-        assert final.finish_reason == "stop_string" and stop not in "".join(pieces)
-        assert final.text == result.text[: result.text.index(stop)]
+        events = list(g.stream("hello", greedy=True, max_tokens=20, stop=[stop]))
+        final = events[-1]
+        assert final.done and all(not e.done for e in events[:-1])
+        assert final.finish_reason == "stop_string" and stop not in "".join(e.text for e in events)
+        assert final.result.text == result.text[: result.text.index(stop)]
 
 
 def test_thought_and_tool_call_text_stream_apart(tiny):
     _, g = tiny
-    s = _TextStream(g.tokenizer, (), (106, 50))
+    s = TextStream(g.tokenizer, (), (106, 50))
     text = '<|channel>thought\nLet me see.<channel|>It is <|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|><|tool_response>'
-    pieces = [p for t in g.tokenizer.encode(text) for p in s.add(t)] + s.finish()
+    ids = g.tokenizer.encode(text)
+    events = [p for t in ids for p in s.add(t)] + s.finish()
     merged = {}
-    for p in pieces:
-        merged[p.kind] = merged.get(p.kind, "") + p
+    for e in events:
+        merged[e.kind] = merged.get(e.kind, "") + e.text
     assert merged == {"thinking": "Let me see.", "answer": "It is ", "tool_call": 'call:f{a:<|"|>x<|"|>}'}
     assert s.final_text() == text
+    final = s.final_event("stop", None)
+    # Every token id goes with exactly one event, in order; the structural ones with the text after them.
+    assert [t for e in events + [final] for t in e.tokens] == ids
+    assert final.result.tokens == ids and final.result.thinking == "Let me see."
+
+
+def test_streams_yield_events_whose_tokens_are_the_result_tokens(tiny):
+    _, g = tiny
+    events = list(g.stream("hello", greedy=True, max_tokens=30))
+    assert all(isinstance(e, Event) for e in events) and [e.done for e in events].count(True) == 1
+    final = events[-1]
+    assert final.done and final.stats is final.result.stats and final.parsed is final.result.parsed
+    assert [t for e in events for t in e.tokens] == final.result.tokens and len(final.result.tokens) == 30
+    assert "".join(str(e) for e in events).strip() == final.result.content.strip()
+    assert {e.kind for e in events[:-1]} <= {"answer", "thinking", "tool_call"} and final.kind == "done"
 
 
 def test_context_limits(tiny):

@@ -12,6 +12,7 @@ import torch
 from gemma_mlx.cache import make_cache
 from gemma_mlx.model import masks
 from gemma_mlx.prefill import plan_chunks, prefill
+from gemma_mlx.processing.prompt import PreparedPrompt, media_spans
 from gemma_mlx.weights import load_model
 from hf_tiny import TOKENS, build_gemma4
 
@@ -160,19 +161,20 @@ def test_chunked_prefill_with_edges_in_text_and_at_an_image_block(pair):
         ref = hf_logits(hf, ids, mask_mode=mode, **media)
         model.vision_mask = mode
         try:
+            prompt = PreparedPrompt.from_ids(ids, model.config.token_ids, media)
             h = model.embed_inputs(np.array([ids]), **media)
             types = token_types(ids)[None]
             for chunk in (4, 6, 7):  # 6 puts an edge exactly at the block start (after BOI at index 5)
-                chunks = plan_chunks(types, chunk)
+                chunks = plan_chunks(prompt.spans, 0, len(ids), chunk)
                 assert all(not (types[0, s - 1] == 1 and types[0, s] == 1) for s, _ in chunks[1:])
                 cache = make_cache(model.config.text, ring_extra=3)
                 rows = []
                 for s, e in chunks:
-                    hidden = model.hidden_states(h[:, s:e], cache=cache, token_types=types[:, s:e])
+                    hidden = model.hidden_states(h[:, s:e], cache=cache, spans=prompt.spans)
                     rows.append(np.array(model.logits(hidden)[0]))
                 assert_close(np.concatenate(rows), ref)
             cache = make_cache(model.config.text)
-            last = prefill(model, h, types, cache, chunk_size=4)
+            last = prefill(model, prompt, cache, chunk_size=4)
             assert_close(np.array(model.logits(last)[0]), ref[-1:])
         finally:
             model.vision_mask = masks.VISION_BIDIRECTIONAL_SLIDING
@@ -180,11 +182,17 @@ def test_chunked_prefill_with_edges_in_text_and_at_an_image_block(pair):
 
 def test_image_block_is_never_split():
     types = np.array([0, 0, 1, 1, 1, 1, 0, 2, 2, 0])
-    chunks = plan_chunks(types, 3)
+    spans = media_spans(types, checked=False)
+    chunks = plan_chunks(spans, 0, len(types), 3)
     assert chunks == [(0, 6), (6, 9), (9, 10)]  # an edge that would fall inside a block moves to its end
     for s, e in chunks:
         assert not (s > 0 and types[s - 1] in (1, 2) and types[s] in (1, 2))
     assert chunks[-1][1] == len(types)
+    assert plan_chunks(spans, 6, 10, 2) == [(6, 9), (9, 10)]  # a prefill resuming after a cached prefix
+    with pytest.raises(ValueError, match="inside a vision block"):
+        plan_chunks(spans, 3, 10, 2)
+    audio = media_spans(np.array([0, 3, 3, 3, 3, 0]), checked=False)
+    assert plan_chunks(audio, 0, 6, 2) == [(0, 2), (2, 4), (4, 6)]  # audio is causal: it may be split
 
 
 def test_kv_sharing_layers(tmp_path):

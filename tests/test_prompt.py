@@ -151,9 +151,7 @@ def _without_audio(video):
 
 
 def test_token_types_mark_only_soft_tokens_and_give_one_block_per_image_and_frame(tokenizer, tokens, media):
-    import mlx.core as mx
-
-    from gemma_mlx.model.masks import vision_block_ids
+    from gemma_mlx.model.masks import span_block_ids
 
     images, audios, videos = media
     features = [preprocess_image(im, 70) for im in images]
@@ -172,13 +170,42 @@ def test_token_types_mark_only_soft_tokens_and_give_one_block_per_image_and_fram
     assert spans == [len(audio_frames(a)) for a in audios] + [len(audio_frames(videos[1].audio))]
     assert (types == TOKEN_TYPE_AUDIO).sum() == sum(spans) and (ids == CONFIG_IDS["boa"]).sum() == 3
     # Each image and each video frame is its own bidirectional block (boi/eoi break the runs); audio is none.
-    blocks = np.array(vision_block_ids(mx.array(types[None])))[0]
+    blocks = np.array(span_block_ids(p.spans, 0, len(ids)))
     assert blocks.max() + 1 == len(features) + len(frames)
     assert (blocks[types == TOKEN_TYPE_AUDIO] == -1).all()
     # Media arrays in prompt order, padded to the longest item with (-1, -1) positions.
     assert p.media["pixel_values"].shape == (2, 64, 6912) and p.media["video_position_ids"].shape == (12, 66, 2)
     assert (p.media["image_position_ids"][0, features[0].num_soft_tokens:] == -1).all()
-    assert np.array_equal(token_type_ids(ids, tokens), types)
+    assert np.array_equal(token_type_ids(ids, tokens.ids), types)
+    # The spans say the same, item by item, in prompt order: 2 images, 6 + 6 frames, 3 audio clips.
+    kinds = [s.kind for s in p.spans]
+    assert kinds == ["image"] * 2 + ["audio"] * 2 + ["video"] * 12 + ["audio"]
+    for span in p.spans:
+        assert (types[span.start:span.end] == {"image": 1, "video": 2, "audio": 3}[span.kind]).all()
+        assert types[span.start - 1] == types[span.end] == TOKEN_TYPE_TEXT
+    assert [s.item for s in p.spans if s.kind == "audio"] == [0, 1, 2]
+    assert sum(s.end - s.start for s in p.spans) == int((types != TOKEN_TYPE_TEXT).sum())
+    # Cache keys: soft tokens carry their item's fingerprint; one frame differs from another.
+    frame_prints = [s.fingerprint for s in p.spans if s.kind == "video"]
+    assert len(set(frame_prints)) == 12 and all(frame_prints)
+    first = p.spans[0]
+    assert p.keys[first.start] == (CONFIG_IDS["image"], first.fingerprint) and p.keys[0] == ids[0]
+    assert p.spans_within(first.end, p.spans[1].start + 1) == [p.spans[1]]
+
+
+def test_prepared_prompt_from_ids_checks_items_against_runs():
+    from gemma_mlx.processing.prompt import PreparedPrompt
+
+    ids = [2, 5, 7, 7, 7, 6, 5, 7, 7, 6, 3]  # two runs of image placeholder 7
+    pixels, positions = np.zeros((2, 3, 6912), np.float32), np.zeros((2, 3, 2), np.int32)
+    pixels[1] += 1
+    p = PreparedPrompt.from_ids(ids, {"image": 7}, dict(pixel_values=pixels, image_position_ids=positions))
+    assert [(s.start, s.end, s.item) for s in p.spans] == [(2, 5, 0), (7, 9, 1)]
+    assert p.spans[0].fingerprint != p.spans[1].fingerprint
+    with pytest.raises(InputError, match="2 image placeholder run.*1 image input"):
+        PreparedPrompt.from_ids(ids, {"image": 7}, dict(pixel_values=pixels[:1], image_position_ids=positions[:1]))
+    with pytest.raises(InputError, match="the prompt is empty"):
+        PreparedPrompt.from_ids([], {})
 
 
 def test_long_audio_spans(hf_processor, tokenizer, tokens):

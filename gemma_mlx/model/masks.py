@@ -17,6 +17,7 @@ block (one block per image, one per video frame); audio never does. Two readings
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 VISION_BIDIRECTIONAL_SLIDING = "sliding"
 VISION_BIDIRECTIONAL_ALL = "all"
@@ -26,13 +27,20 @@ VISION_MASK_MODES = (VISION_BIDIRECTIONAL_SLIDING, VISION_BIDIRECTIONAL_ALL)
 TOKEN_TYPE_TEXT, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, TOKEN_TYPE_AUDIO = 0, 1, 2, 3
 
 
-def vision_block_ids(token_types: mx.array) -> mx.array:
-    """Block id per token (B, L) int32: maximal runs of image/video soft tokens numbered 0, 1, ...; -1 elsewhere."""
-    is_vision = (token_types == TOKEN_TYPE_IMAGE) | (token_types == TOKEN_TYPE_VIDEO)
-    previous = mx.concatenate([mx.zeros_like(is_vision[..., :1]), is_vision[..., :-1]], axis=-1)
-    starts = is_vision & ~previous
-    block = mx.cumsum(starts.astype(mx.int32), axis=-1) - 1
-    return mx.where(is_vision, block, -1).astype(mx.int32)
+def span_block_ids(spans, start: int, length: int) -> mx.array | None:
+    """Block id (length,) int32 of positions start..start+length-1: the index of the bidirectional media span
+    (an image or a video frame) holding the position, -1 elsewhere; None when no such span overlaps.
+
+    spans: objects with ``start``, ``end`` (absolute positions) and ``bidirectional`` (PreparedPrompt.spans).
+    """
+    blocks = np.full(length, -1, dtype=np.int32)
+    found = False
+    for i, span in enumerate(s for s in spans if s.bidirectional):
+        a, b = max(span.start, start), min(span.end, start + length)
+        if a < b:
+            blocks[a - start:b - start] = i
+            found = True
+    return mx.array(blocks) if found else None
 
 
 def layer_attention_options(

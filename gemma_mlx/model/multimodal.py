@@ -15,11 +15,14 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import InputError
+from ..processing.prompt import media_items, media_spans, token_type_ids
 from . import masks
 from .text import TextModel
 from .vision import VisionEmbedder, make_audio_projector, make_vision_projector
 
 ArrayLike = mx.array | np.ndarray
+MEDIA_KEYS = {"pixel_values", "image_position_ids", "audio_features", "audio_mask", "video_pixel_values",
+              "video_position_ids"}
 
 
 class _Inner(nn.Module):
@@ -103,43 +106,57 @@ class Model(nn.Module):
             raise InputError("this checkpoint has no audio embedder, so it cannot take audio")
         return self.model.embed_audio(mx.array(_flatten_audio(features, mask)))
 
-    def embed_inputs(self, input_ids, *, pixel_values=None, image_position_ids=None,
-                     audio_features=None, audio_mask=None,
-                     video_pixel_values=None, video_position_ids=None) -> mx.array:
-        """Input embeddings (B, L, hidden) with placeholder rows replaced by the media soft tokens."""
+    def embed_item(self, kind: str, item: dict) -> mx.array:
+        """Soft-token embeddings (N, hidden) of one media item (media_items' form): an image, frame or clip."""
+        if kind == "audio":
+            mask = item.get("mask")
+            return self.embed_audio([item["features"] if mask is None
+                                     else np.asarray(item["features"])[np.asarray(mask, dtype=bool)]])
+        return self.embed_images([item["pixel_values"]], [item["position_ids"]])
+
+    def embed_range(self, input_ids, spans, items: dict, start: int, end: int, memo: dict | None = None
+                    ) -> mx.array:
+        """Embeddings (end - start, hidden) of positions start..end of flat token ids, media rows filled in.
+
+        Only the items whose spans overlap the range are embedded. A span that runs on past ``end`` keeps its
+        item's embeddings in memo for the next range, so an item split across ranges is embedded once.
+        """
+        memo = {} if memo is None else memo
+        h = self.embed_tokens(np.asarray(input_ids)[start:end])
+        for span in spans:
+            a, b = max(span.start, start), min(span.end, end)
+            if a >= b:
+                continue
+            key = (span.kind, span.item)
+            feats = memo.pop(key) if key in memo else self.embed_item(span.kind, items[span.kind][span.item])
+            if feats.shape[0] != span.end - span.start:
+                raise InputError(f"{span.kind} {span.item}: the prompt has {span.end - span.start} placeholder "
+                                 f"tokens for it but the input gives {feats.shape[0]} soft tokens")
+            h[a - start:b - start] = feats[a - span.start:b - span.start].astype(h.dtype)
+            if span.end > end:
+                memo[key] = feats
+        return h
+
+    def embed_inputs(self, input_ids, **media) -> mx.array:
+        """Input embeddings (B, L, hidden) with placeholder rows replaced by the media soft tokens.
+
+        media: pixel_values, image_position_ids, audio_features, audio_mask, video_pixel_values,
+        video_position_ids (see __call__); items fill the placeholder runs in order, row after row.
+        """
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
-        cfg = self.config
-        media: list[tuple[str, int | None, object]] = []
-        if pixel_values is not None:
-            media.append(("image", cfg.image_token_id, lambda: self.embed_images(pixel_values, image_position_ids)))
-        if video_pixel_values is not None:
-            media.append(("video", cfg.video_token_id,
-                          lambda: self.embed_images(video_pixel_values, video_position_ids)))
-        if audio_features is not None:
-            media.append(("audio", cfg.audio_token_id, lambda: self.embed_audio(audio_features, audio_mask)))
-        h = self.embed_tokens(ids)
-        given = {name for name, _, _ in media}
-        for name, token_id in (("image", cfg.image_token_id), ("video", cfg.video_token_id),
-                               ("audio", cfg.audio_token_id)):
-            if token_id is not None and name not in given and (ids == token_id).any():
-                raise InputError(f"the prompt has {(ids == token_id).sum()} {name} placeholder tokens "
-                                 f"but no {name} input was given")
-        if not media:
-            return h
-        B, L, H = h.shape
-        flat = h.reshape(B * L, H)
-        for name, token_id, embed in media:
-            if token_id is None:
-                raise InputError(f"this checkpoint's config has no {name} token id, so it cannot take {name}")
-            slots = np.flatnonzero(ids.reshape(-1) == token_id)
-            feats = embed()
-            if feats.shape[0] != len(slots):
-                raise InputError(f"{name}: the prompt has {len(slots)} placeholder tokens but the {name} inputs "
-                                 f"give {feats.shape[0]} soft tokens")
-            flat[mx.array(slots)] = feats.astype(flat.dtype)
-        return flat.reshape(B, L, H)
+        B, L = ids.shape
+        unknown = set(media) - MEDIA_KEYS
+        if unknown:
+            raise TypeError(f"unknown media input(s) {sorted(unknown)}; known: {', '.join(sorted(MEDIA_KEYS))}")
+        media = {k: v for k, v in media.items() if v is not None}
+        for kind, key in (("image", "pixel_values"), ("video", "video_pixel_values"), ("audio", "audio_features")):
+            if key in media and self.config.token_ids.get(kind) is None:
+                raise InputError(f"this checkpoint's config has no {kind} token id, so it cannot take {kind}")
+        spans = media_spans(self.token_types(ids), media, fingerprints=False)
+        flat = ids.reshape(-1)
+        return self.embed_range(flat, spans, media_items(media), 0, len(flat)).reshape(B, L, -1)
 
     def embed_tokens(self, input_ids) -> mx.array:
         """Scaled token embeddings, placeholder ids looked up as the pad id (their rows await media)."""
@@ -152,37 +169,28 @@ class Model(nn.Module):
 
     def token_types(self, input_ids) -> np.ndarray:
         """mm_token_type_ids derived from the placeholder ids: 1 image, 2 video, 3 audio, 0 text."""
-        ids = np.asarray(input_ids)
-        types = np.zeros(ids.shape, dtype=np.int32)
-        for token_id, kind in ((self.config.image_token_id, masks.TOKEN_TYPE_IMAGE),
-                               (self.config.video_token_id, masks.TOKEN_TYPE_VIDEO),
-                               (self.config.audio_token_id, masks.TOKEN_TYPE_AUDIO)):
-            if token_id is not None:
-                types[ids == token_id] = kind
-        return types
+        return token_type_ids(input_ids, self.config.token_ids)
 
     # -- decoder ----------------------------------------------------------------------------------
 
-    def vision_blocks(self, token_types) -> mx.array | None:
-        """(L,) block ids for one row of token types, or None when bidirectional vision does not apply."""
-        if not self.config.bidirectional_vision or token_types is None:
+    def vision_blocks(self, spans, start: int, length: int) -> mx.array | None:
+        """(length,) block ids of positions start.. from the prompt's media spans, or None when none applies."""
+        if not self.config.bidirectional_vision or not spans:
             return None
-        types = np.asarray(token_types)
-        if types.ndim == 2:
-            if types.shape[0] > 1 and not (types == types[:1]).all():
-                raise InputError("rows of a batch with different image/video layouts are not supported")
-            types = types[0]
-        if not np.isin(types, (masks.TOKEN_TYPE_IMAGE, masks.TOKEN_TYPE_VIDEO)).any():
-            return None
-        return masks.vision_block_ids(mx.array(types))
+        return masks.span_block_ids(spans, start, length)
 
-    def hidden_states(self, h: mx.array, *, cache=None, token_types=None, offset: int | None = None,
+    def hidden_states(self, h: mx.array, *, cache=None, spans=(), offset: int | None = None,
                       vision_mask: str | None = None) -> mx.array:
-        """Final-norm hidden states for input embeddings h (B, L, hidden) continuing the cache."""
+        """Final-norm hidden states for input embeddings h (B, L, hidden) continuing the cache.
+
+        spans: the prompt's media spans in absolute positions (PreparedPrompt.spans); its image and video
+        spans are the bidirectional vision blocks.
+        """
         if offset is None:
             from ..cache import cache_offset
             offset = cache_offset(cache)
-        return self.language_model(h, cache=cache, offset=offset, blocks=self.vision_blocks(token_types),
+        return self.language_model(h, cache=cache, offset=offset,
+                                   blocks=self.vision_blocks(spans, offset, h.shape[1]),
                                    vision_mask=vision_mask or self.vision_mask)
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -197,10 +205,17 @@ class Model(nn.Module):
         audio_features (N, T, 640) or a list of (T_i, 640) with optional audio_mask, video_pixel_values and
         video_position_ids (frames, like images). mm_token_type_ids default to what the ids imply.
         """
-        ids = input_ids if isinstance(input_ids, (mx.array, np.ndarray)) else np.asarray(input_ids)
+        from ..cache import cache_offset
+
+        ids = np.asarray(input_ids)
         h = self.embed_inputs(ids, **media)
-        types = mm_token_type_ids if mm_token_type_ids is not None else self.token_types(ids)
-        hidden = self.hidden_states(h, cache=cache, token_types=types, vision_mask=vision_mask)
+        types = np.asarray(mm_token_type_ids) if mm_token_type_ids is not None else self.token_types(ids)
+        types = types.reshape(1, -1) if types.ndim < 2 else types
+        if types.shape[0] > 1 and not (types == types[:1]).all():
+            raise InputError("rows of a batch with different image/video layouts are not supported")
+        offset = cache_offset(cache)
+        spans = media_spans(types[0], fingerprints=False, checked=False, offset=offset)
+        hidden = self.hidden_states(h, cache=cache, spans=spans, offset=offset, vision_mask=vision_mask)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.logits(hidden)

@@ -129,6 +129,11 @@ def kernel_supports(q: mx.array, k: mx.array, v: mx.array) -> bool:
     )
 
 
+def _row_stride(positions: mx.array) -> int:
+    """Elements between two rows of a position or block array: 0 when shared (1-D), its length when (B, n)."""
+    return positions.shape[-1] if positions.ndim == 2 else 0
+
+
 def attention_kernel(q, k, v, *, scale, q_pos, k_pos, window, q_block, k_block, block_overrides_window, launch):
     """Attention through attn_tile + attn_combine; same contract as reference.attention."""
     B, Hq, L, D = q.shape
@@ -136,8 +141,12 @@ def attention_kernel(q, k, v, *, scale, q_pos, k_pos, window, q_block, k_block, 
     plan = plan_attention(B, Hq, Hkv, L, S, D, k.dtype.size)
     blocks = q_block is not None and k_block is not None
     none = mx.zeros((1,), dtype=mx.int32)
-    ip = mx.array([L, S, Hkv, plan.NS, plan.SPLIT, plan.QT, window or 0, int(bool(block_overrides_window))],
-                  dtype=mx.int32)
+    # Row strides of the position and block arrays: 0 for one (L,)/(S,) array shared by the batch, L or S for
+    # per-row (B, L)/(B, S) arrays (the body reads row b at b * stride).
+    strides = [_row_stride(q_pos), _row_stride(k_pos),
+               _row_stride(q_block) if blocks else 0, _row_stride(k_block) if blocks else 0]
+    ip = mx.array([L, S, Hkv, plan.NS, plan.SPLIT, plan.QT, window or 0, int(bool(block_overrides_window)),
+                   *strides], dtype=mx.int32)
     po, pm, pl = launch(
         ATTN_TILE,
         inputs=[
@@ -167,13 +176,25 @@ def attention_kernel(q, k, v, *, scale, q_pos, k_pos, window, q_block, k_block, 
     return out
 
 
-# (Hq, Hkv, L, S, D, window, blocks): Gemma 4's decode shapes at both head dims, and a windowed prefill with a
-# vision block, small enough to compile and run in well under a second on a GPU.
+# (B, Hq, Hkv, L, S, D, window, blocks): Gemma 4's decode shapes at both head dims, a windowed prefill with a
+# vision block, and a batched ring decode with per-row positions (B > 1: each row its own offset, wrap point and
+# empty slots), small enough to compile and run in well under a second on a GPU.
 SELF_CHECK_CASES = (
-    (16, 1, 1, 300, 512, None, False),
-    (16, 8, 1, 40, 256, 16, False),
-    (4, 2, 33, 100, 64, 16, True),
+    (1, 16, 1, 1, 300, 512, None, False),
+    (1, 16, 8, 1, 40, 256, 16, False),
+    (1, 4, 2, 33, 100, 64, 16, True),
+    (3, 16, 8, 1, 40, 256, 16, False),
 )
+
+
+def _self_check_positions(B: int, L: int, S: int) -> tuple[mx.array, mx.array]:
+    """(q_pos, k_pos): shared (L,), (S,) for B == 1; per row (B, L), (B, S) otherwise, row b a ring of S slots
+    holding positions 3b .. 3b+S-1 wrapped at slot S - 11b, its last b slots empty, its queries at the end."""
+    if B == 1:
+        return mx.arange(S - L, S), mx.arange(S)
+    slot, row = mx.arange(S)[None, :], mx.arange(B)[:, None]
+    k_pos = mx.where(slot >= S - row, -1, (slot + 11 * row) % S + 3 * row)
+    return mx.arange(S - L, S)[None, :] + 3 * row, k_pos
 
 
 def self_check(launch, dtypes=(mx.float32, mx.bfloat16)) -> str | None:
@@ -187,15 +208,16 @@ def self_check(launch, dtypes=(mx.float32, mx.bfloat16)) -> str | None:
 
     key = mx.random.key(0)
     for dtype in dtypes:
-        for Hq, Hkv, L, S, D, window, blocks in SELF_CHECK_CASES:
+        for B, Hq, Hkv, L, S, D, window, blocks in SELF_CHECK_CASES:
             kq, kk, kv, key = mx.random.split(key, 4)
-            q = mx.random.normal((1, Hq, L, D), key=kq).astype(dtype)
-            k = mx.random.normal((1, Hkv, S, D), key=kk).astype(dtype)
-            v = mx.random.normal((1, Hkv, S, D), key=kv).astype(dtype)
-            args = dict(scale=D ** -0.5, q_pos=mx.arange(S - L, S), k_pos=mx.arange(S), window=window,
+            q = mx.random.normal((B, Hq, L, D), key=kq).astype(dtype)
+            k = mx.random.normal((B, Hkv, S, D), key=kk).astype(dtype)
+            v = mx.random.normal((B, Hkv, S, D), key=kv).astype(dtype)
+            q_pos, k_pos = _self_check_positions(B, L, S)
+            args = dict(scale=D ** -0.5, q_pos=q_pos, k_pos=k_pos, window=window,
                         q_block=mx.full((L,), 1) if blocks else None, block_overrides_window=False,
                         k_block=mx.where(mx.arange(S) >= S - 5, 1, 0) if blocks else None)
-            case = f"{dtype} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} window={window}"
+            case = f"{dtype} B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} window={window}"
             try:
                 got = attention_kernel(q, k, v, **args, launch=launch).astype(mx.float32)
                 mx.eval(got)

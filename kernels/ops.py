@@ -45,6 +45,12 @@ def attention(
     an empty slot, so a ring buffer can be passed whole, in ring order. Softmax statistics are float32; the
     output has q's dtype. A query that sees no key gets zeros rather than NaN.
 
+    Per row: q_pos and q_block may be (B, L), k_pos and k_block (B, S), so one call runs B sequences at their own
+    positions (each row its own ring order, wrap point, empty slots, window edge and vision blocks); a 1-D array
+    is shared by every row, exactly as before. Row b's output depends only on row b of q, k, v and its positions.
+    Padding: a row with fewer keys marks the extra slots -1; a row with fewer queries may give its extra queries
+    any position (their outputs are simply not used).
+
     In-place cache reading: k and v may be strided views (``buf[..., :n, :]`` of a preallocated buffer) or a
     whole ring buffer; the kernels read them through their strides, without a copy. Decode (a few queries) is
     split over the keys; longer chunks run flash-style and never build the chunk × context score matrix; tiles
@@ -52,6 +58,7 @@ def attention(
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be None or >= 1, got {window}")
+    _check_row_shapes(q, k, q_pos=q_pos, k_pos=k_pos, q_block=q_block, k_block=k_block)
     if _LAUNCH is not None and kernel_supports(q, k, v) and _kernels_pass_self_check():
         return attention_kernel(
             q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
@@ -63,6 +70,18 @@ def attention(
         block_overrides_window=block_overrides_window, dense_limit=limits.attention_dense_limit,
         key_block=limits.attention_key_block,
     )
+
+
+def _check_row_shapes(q: mx.array, k: mx.array, **arrays: mx.array | None) -> None:
+    """Raises ValueError naming the argument unless each position/block array is shared (1-D) or per row (B, n)."""
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    for name, arr in arrays.items():
+        if arr is None:
+            continue
+        n = L if name.startswith("q_") else S
+        if tuple(arr.shape) not in ((n,), (B, n)):
+            raise ValueError(f"{name} must have shape ({n},) or ({B}, {n}) for q {tuple(q.shape)} and k "
+                             f"{tuple(k.shape)}, got {tuple(arr.shape)}")
 
 
 def _kernels_pass_self_check() -> bool:

@@ -5,7 +5,9 @@ Statistics are float32 whatever the input dtype. Attention is memory-bounded at 
 keys or ``dense_limit`` score entries runs over key blocks with an online softmax, so the scratch is
 (queries × block) plus one float32 block of K and V, independent of the context length. A 512-token chunk over
 256K keys needs a few hundred MB, not the 8 GB of the full score matrix nor a float32 copy of the whole cache.
-Visibility always comes from gemma_mlx.model.masks.allowed.
+Visibility always comes from gemma_mlx.model.masks.allowed. Positions and block ids may be per row ((B, L) and
+(B, S)) or shared ((L,) and (S,)); a per-row mask (B, L, S) is broadcast over the heads, a shared one (L, S) over
+the batch too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gemma_mlx.model.masks import allowed
 
 def attention(q, k, v, *, scale, q_pos, k_pos, window=None, q_block=None, k_block=None,
               block_overrides_window=False, dense_limit: int, key_block: int) -> mx.array:
+    """Attention output (B, Hq, L, D) in q's dtype: ops.attention's contract, dense or over key blocks."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -45,8 +48,13 @@ def _weighted_values(probs, vb) -> mx.array:
     return (probs.reshape(B, H, G * L, S) @ vb).reshape(B, H, G, L, -1)
 
 
+def _over_heads(mask: mx.array) -> mx.array:
+    """allowed's (L, S) mask as it is, or its per-row (B, L, S) mask as (B, 1, 1, L, S) against (B, Hkv, G, L, S)."""
+    return mask if mask.ndim == 2 else mask[:, None, None]
+
+
 def _dense(qf, k, v, q_pos, k_pos, k_block, rule) -> mx.array:
-    mask = allowed(q_pos, k_pos, k_block=k_block, **rule)
+    mask = _over_heads(allowed(q_pos, k_pos, k_block=k_block, **rule))
     scores = mx.where(mask, _scores(qf, k.astype(mx.float32)), -mx.inf)
     probs = mx.softmax(scores, axis=-1, precise=True)
     probs = mx.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
@@ -64,7 +72,8 @@ def _blocked(qf, k, v, q_pos, k_pos, k_block, rule, key_block) -> mx.array:
         end = min(start + key_block, S)
         kb = k[:, :, start:end].astype(mx.float32)
         vb = v[:, :, start:end].astype(mx.float32)
-        mask = allowed(q_pos, k_pos[start:end], k_block=None if k_block is None else k_block[start:end], **rule)
+        mask = _over_heads(allowed(q_pos, k_pos[..., start:end],
+                                   k_block=None if k_block is None else k_block[..., start:end], **rule))
         scores = mx.where(mask, _scores(qf, kb), -mx.inf)
         m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
         # Rows that have seen no visible key yet keep m = -inf; shift by 0 there so exp() stays finite.

@@ -51,7 +51,14 @@ class ToolMissing(RuntimeError):
 def oracle_attention(q, k, v, scale, q_pos, k_pos, window=None, q_block=None, k_block=None, override=False):
     """float64 numpy attention straight from the brief's definition (not from masks.allowed): causal, the window
     k > q - W, vision blocks (bidirectional inside a block; past the window only with override), empty slots
-    k_pos < 0, GQA by head groups; a query with no visible key gives zeros."""
+    k_pos < 0, GQA by head groups; a query with no visible key gives zeros. Positions and block ids are (L,)/(S,)
+    for every batch entry, or (B, L)/(B, S) per row: then each row is its own problem, evaluated on its own."""
+    if any(x is not None and np.ndim(x) == 2 for x in (q_pos, k_pos, q_block, k_block)):
+        def row(x, b):
+            return x if x is None or np.ndim(x) == 1 else np.asarray(x)[b]
+        return np.concatenate([
+            oracle_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, row(q_pos, b), row(k_pos, b), window,
+                             row(q_block, b), row(k_block, b), override) for b in range(np.shape(q)[0])])
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     q_pos, k_pos = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]
     same = np.zeros((q_pos.shape[0], k_pos.shape[1]), dtype=bool)

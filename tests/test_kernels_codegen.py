@@ -15,23 +15,28 @@ from gemma_mlx.kernels.launch import attention_kernel
 from kernel_tools import needs_tool, skip_for_tool
 
 CASES = {
-    # name: (q shape, kv shape, dtype, L-offset, window, blocks)
-    "full_decode_bf16": ((1, 16, 1, 512), (1, 1, 300, 512), mx.bfloat16, None, False),
-    "sliding_decode_bf16": ((1, 16, 1, 256), (1, 8, 1279, 256), mx.bfloat16, 1024, False),
-    "full_prefill_bf16": ((1, 16, 64, 512), (1, 1, 4096, 512), mx.bfloat16, None, False),
-    "sliding_prefill_vision_bf16": ((1, 16, 64, 256), (1, 8, 1087, 256), mx.bfloat16, 1024, True),
-    "decode_f16_tiny_cache": ((1, 8, 2, 128), (1, 2, 5, 128), mx.float16, 4, False),  # <8 keys: constant space
-    "prefill_f32": ((2, 4, 33, 64), (2, 2, 100, 64), mx.float32, 16, True),
+    # name: (q shape, kv shape, dtype, window, blocks, per-row positions)
+    "full_decode_bf16": ((1, 16, 1, 512), (1, 1, 300, 512), mx.bfloat16, None, False, False),
+    "sliding_decode_bf16": ((1, 16, 1, 256), (1, 8, 1279, 256), mx.bfloat16, 1024, False, False),
+    "full_prefill_bf16": ((1, 16, 64, 512), (1, 1, 4096, 512), mx.bfloat16, None, False, False),
+    "sliding_prefill_vision_bf16": ((1, 16, 64, 256), (1, 8, 1087, 256), mx.bfloat16, 1024, True, False),
+    "decode_f16_tiny_cache": ((1, 8, 2, 128), (1, 2, 5, 128), mx.float16, 4, False, False),  # <8 keys: constant
+    "prefill_f32": ((2, 4, 33, 64), (2, 2, 100, 64), mx.float32, 16, True, False),
+    # One decode step for 4 sequences at their own positions (q_pos (4, 1), k_pos (4, S)): the engine's case.
+    "rows_sliding_decode_bf16": ((4, 16, 1, 256), (4, 8, 1279, 256), mx.bfloat16, 1024, False, True),
+    "rows_prefill_vision_f32": ((3, 4, 9, 64), (3, 2, 40, 64), mx.float32, 16, True, True),
 }
 
 
 def _arrays(case):
-    qs, ks, dtype, window, blocks = CASES[case]
-    L, S = qs[2], ks[2]
+    qs, ks, dtype, window, blocks, rows = CASES[case]
+    B, L, S = qs[0], qs[2], ks[2]
     arrays = [mx.zeros(qs, dtype), mx.zeros(ks, dtype), mx.zeros(ks, dtype),
               mx.arange(S - L, S, dtype=mx.int32), mx.arange(S, dtype=mx.int32)]
+    if rows:
+        arrays[3:5] = [mx.broadcast_to(a, (B, a.shape[0])) for a in arrays[3:5]]
     if blocks:
-        arrays += [mx.zeros((L,), mx.int32), mx.zeros((S,), mx.int32)]
+        arrays += [mx.zeros((B, L) if rows else (L,), mx.int32), mx.zeros((B, S) if rows else (S,), mx.int32)]
     return arrays, window
 
 

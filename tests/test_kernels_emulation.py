@@ -276,7 +276,7 @@ def test_no_data_race_under_thread_sanitizer():
 
 BARRIERS = [
     "    KX_SYNC();  // every thread is done reading the previous tile\n",
-    "      kblk_tile[kx_tid] = (HAS_BLOCKS && j < k_end) ? k_blk[j] : -1;\n    }\n    KX_SYNC();\n",
+    "      kblk_tile[kx_tid] = (HAS_BLOCKS && j < k_end) ? k_blk[kbo + j] : -1;\n    }\n    KX_SYNC();\n",
     "    KX_SYNC();\n\n    float s[RW][BK];",
     "for (int jj = 0; jj < BK; ++jj) partial[int(kx_warp) * BK + jj] = s[0][jj];\n      KX_SYNC();\n",
 ]

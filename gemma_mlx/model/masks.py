@@ -67,32 +67,47 @@ def allowed(
     k_block: mx.array | None = None,
     block_overrides_window: bool = False,
 ) -> mx.array:
-    """Boolean visibility (L, S) for queries at ``q_pos`` (L,) over keys at ``k_pos`` (S,); k_pos < 0 is empty.
+    """Boolean visibility (L, S), or (B, L, S) when any input is per row; k_pos < 0 is an empty slot.
+
+    q_pos and q_block are (L,) or (B, L), k_pos and k_block (S,) or (B, S): a 1-D array is shared by every row of
+    a batch, a 2-D one gives each row (sequence) its own positions. All-1-D inputs give (L, S) as always.
 
     allowed = valid(k) AND (k <= q OR same_block) AND (k > q - W OR (same_block AND block_overrides_window))
     """
-    q = q_pos[:, None]
-    k = k_pos[None, :]
+    # [..., :, None] / [..., None, :] put queries on the second-to-last and keys on the last axis whatever the
+    # rank, so the same expressions broadcast a shared (L,)/(S,) against per-row (B, L)/(B, S) arrays.
+    q = q_pos[..., :, None]
+    k = k_pos[..., None, :]
     valid = k >= 0
     visible = k <= q
     in_window = (k > q - window) if window is not None else mx.ones_like(valid)
     if q_block is not None and k_block is not None:
-        same = (q_block[:, None] == k_block[None, :]) & (q_block[:, None] >= 0)
+        qb = q_block[..., :, None]
+        same = (qb == k_block[..., None, :]) & (qb >= 0)
         visible = visible | same
         if block_overrides_window:
             in_window = in_window | same
     return valid & visible & in_window
 
 
-def key_blocks(k_pos: mx.array, q_start: int, q_block: mx.array | None) -> mx.array | None:
-    """Block id of each cached key: keys written in this step (position >= q_start) share the queries' ids.
+def key_blocks(k_pos: mx.array, q_start: int | mx.array, q_block: mx.array | None) -> mx.array | None:
+    """Block id of each cached key (S,) or (B, S): keys written in this step share the queries' ids, others get -1.
 
+    A key is written in this step when its position is >= q_start, the position of the step's first query;
+    q_block[..., i] is the block of the query at q_start + i. Per row (sequences at different positions): k_pos
+    (B, S), q_start a (B,) array and/or q_block (B, L); shared 1-D inputs with an int q_start give (S,) as always.
     Prefill never splits a vision block across steps, so keys from earlier steps can never be in a query's
-    block and get -1.
+    block.
     """
     if q_block is None:
         return None
-    rel = k_pos - q_start
+    start = q_start[:, None] if isinstance(q_start, mx.array) and q_start.ndim == 1 else q_start
+    rel = k_pos - start
     fresh = rel >= 0
-    idx = mx.clip(rel, 0, q_block.shape[0] - 1)
-    return mx.where(fresh, mx.take(q_block, idx), -1).astype(mx.int32)
+    idx = mx.clip(rel, 0, q_block.shape[-1] - 1)
+    if q_block.ndim == 1:
+        ids = mx.take(q_block, idx)
+    else:
+        idx = mx.broadcast_to(idx, (q_block.shape[0], idx.shape[-1]))
+        ids = mx.take_along_axis(q_block, idx, axis=-1)
+    return mx.where(fresh, ids, -1).astype(mx.int32)

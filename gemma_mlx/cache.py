@@ -349,3 +349,274 @@ class PromptCache:
         if self.checkpoint is not None and self.checkpoint[0] > n:
             self.checkpoint = None
         return n
+
+
+# -- Batched caches: many sequences' caches as rows of one buffer --------------------------------------------
+#
+# A decode step of the engine runs every running sequence in one forward: layer i of row b reads and writes
+# row b of the layer's batched buffers, each row at its own offset. Offsets live on the host (numpy), are
+# replaced rather than mutated, and every write and every reported key position is derived from them, so the
+# ring and full caches of a row can never disagree on where it is. Rows join (from a sequence's own caches,
+# after its prefill) and leave between steps; only then are buffers copied.
+
+
+def _scatter_rows(buf: mx.array, rows_slots: np.ndarray, new: mx.array) -> mx.array:
+    """buf (B, H, S, D) with new (B, H, L, D) written at slots rows_slots (B, L) of each row, in place."""
+    B, H, S, D = buf.shape
+    L = new.shape[2]
+    flat = buf.reshape(B * H, S, D)
+    heads = mx.arange(B * H)[:, None]
+    slots = mx.array(np.repeat(rows_slots, H, axis=0).astype(np.int32))
+    flat[heads, slots] = new.reshape(B * H, L, D)
+    return flat.reshape(B, H, S, D)
+
+
+def _pad_to(x: mx.array, size: int) -> mx.array:
+    """x (B, H, S, D) padded with zeros along S to size."""
+    if x.shape[2] >= size:
+        return x[:, :, :size]
+    pad = mx.zeros(x.shape[:2] + (size - x.shape[2], x.shape[3]), dtype=x.dtype)
+    return mx.concatenate([x, pad], axis=2)
+
+
+class BatchFullCache:
+    """Full-attention K/V of several sequences: row b holds positions 0..offsets[b]-1 of sequence b."""
+
+    def __init__(self, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
+        self.step, self.max_size = step, max_size
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = np.zeros(0, dtype=np.int64)  # per row; replaced, never written in place
+
+    @property
+    def rows(self) -> int:
+        return len(self.offset)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def row_nbytes(self) -> list[int]:
+        """Bytes of K/V each row holds (its valid positions)."""
+        if self.keys is None:
+            return [0] * self.rows
+        per = (self.keys.nbytes + self.values.nbytes) // max(1, self.keys.shape[0] * self.keys.shape[2])
+        return [int(o) * per for o in self.offset]
+
+    def add_row(self, cache: FullCache) -> None:
+        """Append a sequence's own FullCache as a new row (its buffers copied once)."""
+        n = cache.offset
+        k, v = cache.keys[..., :n, :], cache.values[..., :n, :]
+        if self.keys is None:
+            cap = -(-max(n, 1) // self.step) * self.step
+            self.keys, self.values = _pad_to(k, cap), _pad_to(v, cap)
+        else:
+            cap = max(self.keys.shape[2], -(-max(n, 1) // self.step) * self.step)
+            self.keys = mx.concatenate([_pad_to(self.keys, cap), _pad_to(k, cap)], axis=0)
+            self.values = mx.concatenate([_pad_to(self.values, cap), _pad_to(v, cap)], axis=0)
+        self.offset = np.append(self.offset, n)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows listed (in that order)."""
+        self.offset = self.offset[keep].copy()
+        if self.keys is not None:
+            if keep:
+                idx = mx.array(keep)
+                self.keys, self.values = self.keys[idx], self.values[idx]
+            else:
+                self.keys = self.values = None
+
+    def row(self, b: int) -> FullCache:
+        """Row b as a sequence's own FullCache (a copy)."""
+        c = FullCache(self.step, self.max_size)
+        n = int(self.offset[b])
+        if n:
+            c.keys, c.values = mx.array(self.keys[b : b + 1]), mx.array(self.values[b : b + 1])
+        c.offset = n
+        return c
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Write k, v (B, H, L, D) at each row's next positions; return keys, values and k_pos (B, S)."""
+        L = k.shape[2]
+        ends = self.offset + L
+        need = int(ends.max())
+        if self.max_size is not None and need > self.max_size:
+            raise InputError(f"context of {need} tokens exceeds this cache's max_size {self.max_size}")
+        if need > self.keys.shape[2]:
+            cap = -(-need // self.step) * self.step
+            if self.max_size is not None:
+                cap = min(cap, self.max_size)
+            self.keys, self.values = _pad_to(self.keys, cap), _pad_to(self.values, cap)
+        slots = self.offset[:, None] + np.arange(L)
+        self.keys = _scatter_rows(self.keys, slots, k)
+        self.values = _scatter_rows(self.values, slots, v)
+        self.offset = ends
+        span = np.arange(need)
+        k_pos = np.where(span[None, :] < ends[:, None], span[None, :], -1).astype(np.int32)
+        return self.keys[..., :need, :], self.values[..., :need, :], mx.array(k_pos)
+
+    def max_trim(self) -> np.ndarray:
+        """Per row: how many of its newest positions it can forget."""
+        return self.offset.copy()
+
+    def trim(self, n) -> np.ndarray:
+        """Forget the last n[b] positions of each row (at most max_trim); return how many each forgot."""
+        n = np.clip(np.broadcast_to(np.asarray(n, dtype=np.int64), self.offset.shape), 0, self.max_trim())
+        self.offset = self.offset - n
+        return n
+
+
+class BatchRingCache:
+    """Sliding-window K/V of several sequences: row b is sequence b's ring, position p in slot p % size."""
+
+    def __init__(self, window: int, extra: int = DEFAULT_RING_EXTRA):
+        self.window, self.extra = window, extra
+        self.size = window - 1 + extra
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.positions = np.zeros((0, self.size), dtype=np.int32)
+        self.offset = np.zeros(0, dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return len(self.offset)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def row_nbytes(self) -> list[int]:
+        """Bytes of K/V each row holds (its whole ring)."""
+        if self.keys is None:
+            return [0] * self.rows
+        return [(self.keys.nbytes + self.values.nbytes) // self.keys.shape[0]] * self.rows
+
+    def add_row(self, cache: RingCache) -> None:
+        """Append a sequence's own RingCache as a new row (its ring copied once)."""
+        if (cache.window, cache.size) != (self.window, self.size):
+            raise ValueError("a row's ring must have the batch's window and size")
+        k, v = cache.keys, cache.values
+        self.keys = k if self.keys is None else mx.concatenate([self.keys, k], axis=0)
+        self.values = v if self.values is None else mx.concatenate([self.values, v], axis=0)
+        self.positions = np.concatenate([self.positions, cache.positions[None]])
+        self.offset = np.append(self.offset, cache.offset)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows listed (in that order)."""
+        self.offset, self.positions = self.offset[keep].copy(), self.positions[keep].copy()
+        if keep:
+            idx = mx.array(keep)
+            self.keys, self.values = self.keys[idx], self.values[idx]
+        else:
+            self.keys = self.values = None
+
+    def row(self, b: int) -> RingCache:
+        """Row b as a sequence's own RingCache (a copy)."""
+        c = RingCache(self.window, self.extra)
+        c.keys, c.values = mx.array(self.keys[b : b + 1]), mx.array(self.values[b : b + 1])
+        c.positions, c.offset = self.positions[b].copy(), int(self.offset[b])
+        return c
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Write k, v (B, H, L, D), L <= extra, at each row's next positions; return the rings and k_pos (B, S)."""
+        L = k.shape[2]
+        if L > self.extra:
+            raise ValueError(f"a batched step of {L} tokens needs a ring extra >= {L} (it is {self.extra})")
+        pos = self.offset[:, None] + np.arange(L)
+        slots = pos % self.size
+        self.keys = _scatter_rows(self.keys, slots, k)
+        self.values = _scatter_rows(self.values, slots, v)
+        positions = self.positions.copy()
+        np.put_along_axis(positions, slots, pos.astype(np.int32), axis=1)
+        self.positions, self.offset = positions, self.offset + L
+        return self.keys, self.values, mx.array(self.positions)
+
+    def max_trim(self) -> np.ndarray:
+        """Per row: how many newest positions it can forget while keeping a full window behind."""
+        return np.where(self.offset <= self.size, self.offset, self.size - (self.window - 1))
+
+    def trim(self, n) -> np.ndarray:
+        """Forget the last n[b] positions of each row (at most max_trim); return how many each forgot."""
+        n = np.clip(np.broadcast_to(np.asarray(n, dtype=np.int64), self.offset.shape), 0, self.max_trim())
+        self.offset = self.offset - n
+        self.positions = np.where(self.positions >= self.offset[:, None], -1, self.positions).astype(np.int32)
+        return n
+
+
+class BatchCaches:
+    """The batched caches of every layer (None where a layer reuses another's K/V), one row per sequence."""
+
+    def __init__(self, text_config, *, max_size: int | None = None, ring_extra: int = DEFAULT_RING_EXTRA,
+                 full_step: int = DEFAULT_FULL_STEP):
+        self.layers: list = []
+        for spec in text_config.layers:
+            if spec.kv_source is not None:
+                self.layers.append(None)
+            elif spec.is_sliding:
+                self.layers.append(BatchRingCache(text_config.sliding_window, ring_extra))
+            else:
+                self.layers.append(BatchFullCache(full_step, max_size))
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def _live(self):
+        return [c for c in self.layers if c is not None]
+
+    @property
+    def rows(self) -> int:
+        """How many sequences the batch holds."""
+        return self._live()[0].rows
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Positions each row holds; every layer agrees (a disagreement is a bug and raises)."""
+        offsets = [c.offset for c in self._live()]
+        if any(not np.array_equal(o, offsets[0]) for o in offsets):
+            raise RuntimeError(f"batched caches disagree on offsets: {offsets}")
+        return offsets[0].copy()
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for c in self._live() for a in c.state]
+
+    def add(self, caches: list[LayerCache | None]) -> int:
+        """Append one sequence's own caches (from its prefill) as a new row; return the row's index."""
+        for mine, theirs in zip(self.layers, caches):
+            if mine is not None:
+                mine.add_row(theirs)
+        return self.rows - 1
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the listed rows, in that order (sequences that left are dropped)."""
+        for c in self._live():
+            c.keep_rows(list(rows))
+
+    def row(self, b: int) -> list[LayerCache | None]:
+        """Row b as one sequence's own caches (copies), e.g. to store its prompt for reuse."""
+        return [None if c is None else c.row(b) for c in self.layers]
+
+    def row_nbytes(self) -> list[int]:
+        """Bytes of K/V each row holds across all layers."""
+        per_layer = [c.row_nbytes() for c in self._live()]
+        return [sum(col) for col in zip(*per_layer)] if per_layer else []
+
+    def max_trim(self) -> np.ndarray:
+        """Per row: how many of its newest positions every layer can forget."""
+        return np.min([c.max_trim() for c in self._live()], axis=0)
+
+    def trim(self, n) -> np.ndarray:
+        """Forget the last n[b] positions of row b in every layer, or raise if some row cannot go back that far."""
+        n = np.broadcast_to(np.asarray(n, dtype=np.int64), (self.rows,))
+        limit = self.max_trim()
+        if np.any(n > limit):
+            raise ValueError(f"cannot roll back {n.tolist()} tokens: the rows keep only {limit.tolist()}")
+        for c in self._live():
+            c.trim(n)
+        return n

@@ -14,6 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma_mlx import settings
+
 from gemma_mlx.cache import RingCache
 from gemma_mlx.kernels import launch, ops, reference, verify
 from gemma_mlx.kernels.launch import attention_kernel
@@ -195,11 +197,13 @@ def test_bad_row_shapes_are_rejected_naming_the_argument():
 # ------------------------------------------------------------------------------------------ reference path
 
 @pytest.fixture(params=["dense", "blocked"])
-def path(request, monkeypatch):
+def path(request):
     if request.param == "blocked":
-        monkeypatch.setattr(ops, "DENSE_LIMIT", 0)
-        monkeypatch.setattr(ops, "KEY_BLOCK", 5)  # block edges inside windows, rings and the image block
-    return request.param
+        # block edges inside windows, rings and the image block
+        with settings.override(attention_dense_limit=0, attention_key_block=5):
+            yield request.param
+    else:
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])

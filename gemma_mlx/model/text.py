@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import LayerSpec, TextConfig, embed_scale
 from ..kernels import ops
@@ -35,21 +36,32 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """HF "rotate_half" RoPE: dim j pairs with dim j + D/2; cos/sin are (L, D) for x of (B, L, H, D)."""
+    """HF "rotate_half" RoPE: dim j pairs with dim j + D/2; cos/sin are (B, L, D) per row for x of (B, L, H, D)."""
     half = x.shape[-1] // 2
     rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Step:
-    """What every layer needs to know about the tokens of one forward call."""
+    """What every layer needs to know about the tokens of one forward call.
 
-    positions: mx.array  # (L,) int32 absolute positions
-    offset: int  # absolute position of the first token
+    Every row has its own positions (a batch of sequences at different depths). They are built afresh for each
+    call from the host-side offsets and never aliased by a cache, so no layer or cache can move another's.
+    """
+
+    positions: mx.array  # (B, L) int32 absolute positions, row by row
+    offsets: tuple[int, ...]  # (B,) absolute position of each row's first token
     blocks: mx.array | None  # (L,) int32 vision block ids, or None when no token is in a vision block
     vision_mask: str
-    rope: dict  # (layer_type, head_dim) -> (cos, sin)
+    rope: dict  # (layer_type, head_dim) -> (cos, sin), each (B, L, D)
+
+    @property
+    def offset(self) -> int:
+        """The first token's position when every row starts at the same one (vision blocks need it)."""
+        if len(set(self.offsets)) != 1:
+            raise ValueError("rows start at different positions: no single offset")
+        return self.offsets[0]
 
 
 class Attention(nn.Module):
@@ -88,22 +100,40 @@ class Attention(nn.Module):
             v = v.transpose(0, 2, 1, 3)
             if cache is not None:
                 keys, values, k_pos = cache.update(k, v)
-            else:
-                keys, values, k_pos = k, v, step.positions
+            else:  # no cache: the chunk attends over itself
+                keys, values = k, v
+                k_pos = step.positions[0] if len(set(step.offsets)) == 1 else step.positions
             shared[layer_idx] = (keys, values, k_pos)
         else:
             keys, values, k_pos = shared[self.spec.kv_source]
 
         window, use_blocks, overrides = masks.layer_attention_options(
             self.spec.layer_type, self.window, step.vision_mask, step.blocks is not None)
+        window = window if self.spec.is_sliding else None
         q_block = step.blocks if use_blocks else None
-        k_block = masks.key_blocks(k_pos, step.offset, q_block) if use_blocks else None
-        out = ops.attention(
-            q, keys, values, scale=self.scale, q_pos=step.positions, k_pos=k_pos,
-            window=window if self.spec.is_sliding else None,
-            q_block=q_block, k_block=k_block, block_overrides_window=overrides,
-        )
+        if k_pos.ndim == 1:
+            # One sequence's caches (or none): every row at the same positions over the same key slots.
+            q_pos = step.positions[0]
+            k_block = masks.key_blocks(k_pos, step.offset, q_block) if use_blocks else None
+            out = ops.attention(q, keys, values, scale=self.scale, q_pos=q_pos, k_pos=k_pos, window=window,
+                                q_block=q_block, k_block=k_block, block_overrides_window=overrides)
+        else:
+            out = _attend_rows(q, keys, values, step, k_pos, scale=self.scale, window=window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _attend_rows(q, keys, values, step: Step, k_pos: mx.array, *, scale: float, window: int | None) -> mx.array:
+    """Attention (B, Hq, L, D) for rows at their own positions (B, L) over their own keys k_pos (B, S): one call.
+
+    Batched decode carries no media, so no vision blocks. The buffers are read only as far as the longest row's
+    last valid key; shorter rows see their padding as empty slots (-1).
+    """
+    if step.blocks is not None:
+        raise ValueError("vision blocks need every row at the same positions (prefill runs one sequence)")
+    used = np.flatnonzero(np.asarray(mx.any(k_pos >= 0, axis=0)))
+    end = int(used[-1]) + 1 if len(used) else 1
+    return ops.attention(q, keys[:, :, :end], values[:, :, :end], scale=scale, q_pos=step.positions,
+                         k_pos=k_pos[:, :end], window=window)
 
 
 class MLP(nn.Module):
@@ -160,22 +190,26 @@ class TextModel(nn.Module):
         return h * mx.array(self._embed_scale, dtype=h.dtype)
 
     def rope_tables(self, positions: mx.array, dtype) -> dict:
-        """(cos, sin) per (layer type, head dim), computed in float32 and cast to the activation dtype."""
+        """(cos, sin) (B, L, D) per (layer type, head dim) for positions (B, L), in float32 cast to dtype."""
         tables = {}
-        pos = positions.astype(mx.float32)[:, None]
+        pos = positions.astype(mx.float32)[..., None]
         for key, inv_freq in self._inv_freq.items():
-            freqs = pos * inv_freq[None, :]
+            freqs = pos * inv_freq
             emb = mx.concatenate([freqs, freqs], axis=-1)
             tables[key] = (mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype))
         return tables
 
-    def __call__(self, h: mx.array, *, cache=None, offset: int = 0, blocks: mx.array | None = None,
+    def __call__(self, h: mx.array, *, cache=None, offset=0, blocks: mx.array | None = None,
                  vision_mask: str = masks.VISION_BIDIRECTIONAL_SLIDING) -> mx.array:
-        """Final-norm hidden states (B, L, H) for input embeddings h (B, L, H) at positions offset.."""
-        L = h.shape[1]
-        positions = mx.arange(offset, offset + L, dtype=mx.int32)
-        step = Step(positions=positions, offset=offset, blocks=blocks, vision_mask=vision_mask,
-                    rope=self.rope_tables(positions, h.dtype))
+        """Final-norm hidden states (B, L, H) for input embeddings h (B, L, H), row b at positions offset[b]..
+
+        offset is one int for every row or one per row (a batch of sequences at different depths).
+        """
+        B, L = h.shape[:2]
+        offsets = np.broadcast_to(np.asarray(offset, dtype=np.int64).reshape(-1), (B,))
+        positions = mx.array((offsets[:, None] + np.arange(L)).astype(np.int32))
+        step = Step(positions=positions, offsets=tuple(int(o) for o in offsets), blocks=blocks,
+                    vision_mask=vision_mask, rope=self.rope_tables(positions, h.dtype))
         shared: dict = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, step, cache[i] if cache is not None else None, shared, i)

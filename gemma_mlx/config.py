@@ -595,12 +595,17 @@ def parse_generation_config(g: dict, vocab_size: int = MAX_VOCAB, file: str = GE
     )
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """ModelConfig read from ``model_dir/config.json``."""
+def _read_config_json(model_dir: str | Path):
+    """The parsed ``model_dir/config.json`` (through the one safe JSON reader)."""
     path = Path(model_dir) / "config.json"
     if regular_file(path, what="config.json") is None:
         raise ConfigError(f"no config.json in {model_dir}: not a Hugging Face or MLX model directory")
-    return parse_config(read_json(path))
+    return read_json(path)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """ModelConfig read from ``model_dir/config.json``."""
+    return parse_config(_read_config_json(model_dir))
 
 
 def embed_scale(hidden_size: int) -> float:
@@ -652,11 +657,4 @@ def parse_assistant_config(cfg: dict) -> AssistantConfig:
 
 def load_assistant_config(model_dir: str | Path) -> AssistantConfig:
     """AssistantConfig read from ``model_dir/config.json``."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"no config.json in {model_dir}: not a Hugging Face or MLX model directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return parse_assistant_config(cfg)
+    return parse_assistant_config(_read_config_json(model_dir))

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .. import settings
-from ..errors import ConfigError
+from gemma_mlx import settings
+from gemma_mlx.errors import ConfigError
 from .sources import ATTN_COMBINE, ATTN_TILE, KernelSpec
 
 TG = 256  # threads per attn_tile group: 8 warps/simdgroups

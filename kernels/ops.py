@@ -14,7 +14,7 @@ import warnings
 
 import mlx.core as mx
 
-from .. import settings
+from gemma_mlx import settings
 from . import reference
 from .launch import Launcher, attention_kernel, kernel_supports, select_backend, self_check
 

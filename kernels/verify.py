@@ -37,7 +37,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .. import settings
+from gemma_mlx import settings
 from .launch import Launcher
 from .sources import KernelSpec, read
 

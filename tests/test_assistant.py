@@ -19,6 +19,8 @@ import torch
 from gemma_mlx.cache import make_cache
 from gemma_mlx.config import ConfigError, parse_assistant_config
 from gemma_mlx.model.assistant import TARGET_FULL, TARGET_SLIDING, attach, draft_tokens, load_assistant, target_kv
+from gemma_mlx.prefill import prefill
+from gemma_mlx.processing.prompt import PreparedPrompt
 from gemma_mlx.weights import load_model
 from hf_tiny import TOKENS, VOCAB, build_gemma4, randomise
 
@@ -108,8 +110,8 @@ def our_round(target, assistant, ids, steps, vision_mask="all", **media):
     target.vision_mask = vision_mask
     try:
         caches = make_cache(target.config.text)
-        h = target.embed_inputs(np.array([ids]), **media)
-        hidden = target.hidden_states(h, cache=caches, token_types=target.token_types(np.array([ids])))
+        prompt = PreparedPrompt.from_ids(ids, target.config.token_ids, media)
+        hidden = prefill(target, prompt, caches)
     finally:
         target.vision_mask = "sliding"
     token = int(mx.argmax(target.logits(hidden)[0, -1]).item())

@@ -19,10 +19,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import AssistantConfig, LayerSpec, ModelConfig, TextConfig
+from ..config import AssistantConfig, ModelConfig, TextConfig
 from ..errors import ConfigError
 from . import masks
-from .text import DecoderLayer, RMSNorm, Step
+from .text import DecoderLayer, RMSNorm, Step, TextModel
 
 # kv_source markers of the drafter's layers: "read the target's K/V of this layer type" (never a layer index).
 TARGET_SLIDING, TARGET_FULL = -1, -2
@@ -90,15 +90,7 @@ class _DraftText(nn.Module):
             (spec.layer_type, spec.head_dim): mx.array(spec.rope.inv_freq(spec.head_dim)) for spec in cfg.layers
         }
 
-    def rope_tables(self, positions: mx.array, dtype) -> dict:
-        """(cos, sin) per (layer type, head dim) at positions, as the target computes them."""
-        tables = {}
-        pos = positions.astype(mx.float32)[:, None]
-        for key, inv_freq in self._inv_freq.items():
-            freqs = pos * inv_freq[None, :]
-            emb = mx.concatenate([freqs, freqs], axis=-1)
-            tables[key] = (mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype))
-        return tables
+    rope_tables = TextModel.rope_tables  # the same tables the target computes, from this stack's inv_freq
 
 
 class Assistant(nn.Module):
@@ -121,8 +113,9 @@ class Assistant(nn.Module):
         target's caches hold them (k_pos < 0 marks an empty slot; only keys at positions < position are read).
         """
         x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
-        positions = mx.array([position], dtype=mx.int32)
-        step = Step(positions=positions, offset=position, blocks=None,
+        B = x.shape[0]
+        positions = mx.full((B, 1), position, dtype=mx.int32)
+        step = Step(positions=positions, offsets=(position,) * B, blocks=None,
                     vision_mask=masks.VISION_BIDIRECTIONAL_SLIDING,
                     rope=self.model.rope_tables(positions, x.dtype))
         shared = {k: _before(kv, position) for k, kv in target_kv.items()}

@@ -379,14 +379,12 @@ def _pad_to(x: mx.array, size: int) -> mx.array:
     return mx.concatenate([x, pad], axis=2)
 
 
-class BatchFullCache:
-    """Full-attention K/V of several sequences: row b holds positions 0..offsets[b]-1 of sequence b."""
+class _BatchKVBuffers:
+    """What both batched cache kinds share: row-stacked key/value buffers and each row's offset (host side)."""
 
-    def __init__(self, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
-        self.step, self.max_size = step, max_size
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = np.zeros(0, dtype=np.int64)  # per row; replaced, never written in place
+    keys: mx.array | None = None
+    values: mx.array | None = None
+    offset: np.ndarray = np.zeros(0, dtype=np.int64)  # per row; replaced, never written in place
 
     @property
     def rows(self) -> int:
@@ -395,6 +393,16 @@ class BatchFullCache:
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
+
+
+class BatchFullCache(_BatchKVBuffers):
+    """Full-attention K/V of several sequences: row b holds positions 0..offsets[b]-1 of sequence b."""
+
+    def __init__(self, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
+        self.step, self.max_size = step, max_size
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = np.zeros(0, dtype=np.int64)  # per row; replaced, never written in place
 
     def row_nbytes(self) -> list[int]:
         """Bytes of K/V each row holds (its valid positions)."""
@@ -466,7 +474,7 @@ class BatchFullCache:
         return n
 
 
-class BatchRingCache:
+class BatchRingCache(_BatchKVBuffers):
     """Sliding-window K/V of several sequences: row b is sequence b's ring, position p in slot p % size."""
 
     def __init__(self, window: int, extra: int = DEFAULT_RING_EXTRA):
@@ -476,14 +484,6 @@ class BatchRingCache:
         self.values: mx.array | None = None
         self.positions = np.zeros((0, self.size), dtype=np.int32)
         self.offset = np.zeros(0, dtype=np.int64)
-
-    @property
-    def rows(self) -> int:
-        return len(self.offset)
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
 
     def row_nbytes(self) -> list[int]:
         """Bytes of K/V each row holds (its whole ring)."""

@@ -33,8 +33,8 @@ from .sampling import PENALTY_CONTEXT, RowSampler, sample
 
 
 @dataclass
-class Event:
-    """What a sequence produced since its last event: new token ids, and at the end why it finished."""
+class TokenEvent:
+    """What a sequence produced since its last token event: new token ids, and at the end why it finished."""
 
     tokens: list[int]
     finish_reason: str | None = None  # set on the last event: "stop", "length", "context", "interrupted", ...
@@ -309,7 +309,7 @@ class Engine:
         elif len(seq.output) >= seq.budget:
             finished = "length" if seq.budget == seq.opts.max_tokens else "context"
         seq.stats.finish_reason = finished or ""
-        seq.handle._events.put(Event([token]))
+        seq.handle._events.put(TokenEvent([token]))
         return finished is not None
 
     def _leave(self, rows: list[int], reasons: list[str]) -> None:
@@ -326,7 +326,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, *, keep: bool, caches: PromptCache | None = None) -> None:
         seq.stats.finish_reason = reason
-        seq.handle._events.put(Event([], finish_reason=reason, stats=seq.stats))
+        seq.handle._events.put(TokenEvent([], finish_reason=reason, stats=seq.stats))
         if keep and caches is not None and self.store_bytes:
             self._to_store(seq.id, caches)
 

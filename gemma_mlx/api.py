@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 from .cache import PromptCache
+from .engine import Engine
 from .errors import InputError, TemplateError
 from .events import Event, Result, TextStream, final_result
 from .generation import GenerationStats, RunOptions, SamplingOptions, stream_tokens
@@ -157,7 +158,11 @@ class Gemma:
     def stream_text(self, text: str, media: Attachments | None = None, *, opts: SamplingOptions,
                     cache: PromptCache | None = None, run: RunOptions = RunOptions()) -> Iterator[Event]:
         """Events of the reply to a rendered prompt: its text pieces, then the final event with the Result."""
-        prompt = self.encode(text, media)
+        yield from self.stream_prepared(self.encode(text, media), opts=opts, cache=cache, run=run)
+
+    def stream_prepared(self, prompt: PreparedPrompt, *, opts: SamplingOptions, cache: PromptCache | None = None,
+                        run: RunOptions = RunOptions()) -> Iterator[Event]:
+        """Events of the reply to a prepared prompt (see prepare), generated alone (the engine batches)."""
         stats = GenerationStats()
         stream = TextStream(self.tokenizer, opts.stop, opts.eos_ids)
         for token in stream_tokens(self.model, prompt, opts, cache=cache, run=run, stats=stats):
@@ -167,6 +172,23 @@ class Gemma:
                 break
         yield from stream.finish()
         yield stream.final_event(stats.finish_reason, stats)
+
+    def prepare(self, prompt: str | list[dict], *, images=(), audios=(), videos=(), system: str | None = None,
+                tools: list | None = None, enable_thinking: bool = False,
+                allow_special_in_content: bool = False) -> PreparedPrompt:
+        """The PreparedPrompt of a prompt (a user message, or a whole message list) with its media: what
+        stream_prepared and the engine (Engine.submit) take. Arguments as for stream."""
+        media = self.load_media(images, audios, videos)
+        messages = [user_message(prompt, media)] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + messages
+        text = self.render(messages, tools=tools, enable_thinking=enable_thinking,
+                           allow_special_in_content=allow_special_in_content)
+        return self.encode(text, media)
+
+    def engine(self, **kwargs) -> Engine:
+        """A batch engine over this model whose handles also give text Events (keywords: see Engine)."""
+        return Engine(self.model, tokenizer=self.tokenizer, **kwargs)
 
     def stream(self, prompt: str | list[dict], *, images=(), audios=(), videos=(), system: str | None = None,
                tools: list | None = None, enable_thinking: bool = False, cache: PromptCache | None = None,
@@ -181,17 +203,10 @@ class Gemma:
         Message text is read as plain text unless allow_special_in_content (see render).
         """
         opts = self.options(**sampling)
-        media = self.load_media(images, audios, videos)
-        if isinstance(prompt, str):
-            messages = [user_message(prompt, media)]
-        else:
-            messages = list(prompt)
-        if system is not None:
-            messages = [{"role": "system", "content": system}] + messages
-        text = self.render(messages, tools=tools, enable_thinking=enable_thinking,
-                           allow_special_in_content=allow_special_in_content)
+        prepared = self.prepare(prompt, images=images, audios=audios, videos=videos, system=system, tools=tools,
+                                enable_thinking=enable_thinking, allow_special_in_content=allow_special_in_content)
         run = RunOptions(prefill_chunk=prefill_chunk, max_context=max_context, should_stop=should_stop)
-        yield from self.stream_text(text, media, opts=opts, cache=cache, run=run)
+        yield from self.stream_prepared(prepared, opts=opts, cache=cache, run=run)
 
     def generate(self, prompt: str | list[dict], **kwargs) -> Result:
         """The finished reply to a prompt (keywords as for stream)."""

@@ -4,8 +4,11 @@ A Sequence is a prompt with its caches, its sampling state and stop criteria, an
 step (``Engine.step``) does at most two things: one prefill chunk of the sequence that is joining (so a long new
 prompt delays the running ones by at most one chunk per step), then one decode forward over every running
 sequence, each a row of the batched caches (cache.BatchCaches) at its own position. Sequences join between steps
-once their prefill is done and leave between steps (EOS, max tokens, context, cancellation; stop strings are
-text, so whoever detokenises cancels with reason "stop_string").
+once their prefill is done and leave between steps (EOS, max tokens, context, cancellation, a stop string).
+
+A Handle gives two views of its sequence: iterating it yields TokenEvents (new ids, at the end the finish
+reason and stats); ``Handle.events()`` yields the text Events every other stream yields (gemma_mlx.events: text
+by kind, the final Result), detokenised with the engine's tokenizer, and ends the sequence at a stop string.
 
 ``Engine.start`` runs the steps in a thread of its own; ``submit`` (from any thread) returns a Handle whose
 events can be iterated, or cancelled. A finished sequence's caches go to a shared prompt store (least recently
@@ -19,6 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -26,6 +30,7 @@ import numpy as np
 
 from .cache import DEFAULT_RING_EXTRA, BatchCaches, PromptCache, make_cache
 from .errors import ContextLengthError, InputError
+from .events import Event, TextStream
 from .generation import GenerationStats, SamplingOptions
 from .prefill import DEFAULT_PREFILL_CHUNK, plan_chunks, prefill
 from .processing.prompt import PreparedPrompt
@@ -63,8 +68,9 @@ class Sequence:
 class Handle:
     """A submitted request seen from outside: iterate its Events, read its tokens, cancel it (thread-safe)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, opts: SamplingOptions):
         self._engine = engine
+        self.opts = opts
         self._events: queue.Queue = queue.Queue()
         self.cancelled: str | None = None  # the finish reason a cancel asked for
         self.tokens: list[int] = []
@@ -95,6 +101,28 @@ class Handle:
                 return
             yield event
 
+    def events(self) -> Iterator[Event]:
+        """The sequence's text Events as they come (answer, thinking and tool-call text apart), the last one
+        (``event.done``) with the Result; a stop string ends the sequence (finish reason "stop_string")."""
+        tokenizer = self._engine.tokenizer
+        if tokenizer is None:
+            raise InputError("text events need an engine that has the tokenizer (Gemma.engine() makes one)")
+        stream = TextStream(tokenizer, self.opts.stop, self.opts.eos_ids)
+        for event in self:
+            for token in event.tokens:
+                if stream.stopped:  # tokens the engine made before the cancel took effect are not the reply's
+                    break
+                yield from stream.add(token)
+                if stream.stopped:
+                    self.cancel("stop_string")
+            if event.finish_reason is not None:
+                stats = event.stats or GenerationStats()
+                stats.generated_tokens = len(stream.tokens)
+                reason = "stop_string" if stream.stopped else event.finish_reason
+                stats.finish_reason = reason
+                yield from stream.finish()
+                yield stream.final_event(reason, stats)
+
     def result(self) -> list[int]:
         """All generated tokens, once the sequence has finished (waits for it)."""
         for _ in self:
@@ -107,8 +135,9 @@ class Engine:
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_context: int | None = None, ring_extra: int = DEFAULT_RING_EXTRA,
-                 memory_limit: int | None = None, store_bytes: int = 0):
+                 memory_limit: int | None = None, store_bytes: int = 0, tokenizer=None):
         self.model = model
+        self.tokenizer = tokenizer  # for Handle.events(); token-level use needs none
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.max_context = max_context or model.config.text.max_position_embeddings
@@ -141,7 +170,7 @@ class Engine:
         if len(ids) >= self.max_context:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context allowed is "
                                      f"{self.max_context} tokens, which leaves no room for an answer")
-        handle = Handle(self)
+        handle = Handle(self, opts)
         seq = Sequence(id=next(self._ids), prompt=prompt, opts=opts, budget=min(opts.max_tokens, self.max_context - len(ids)), handle=handle)
         need = self.sequence_bytes(seq)
         if self.memory_limit is not None and need > self.memory_limit:

@@ -17,12 +17,13 @@ used evicted first, bounded in bytes), from which a later sequence starts at its
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -65,13 +66,42 @@ class Sequence:
     started: float = 0.0
 
 
+class _TextFeed:
+    """TokenEvents in, text Events out (one per handle): the detokenising and stop-string half of events()."""
+
+    def __init__(self, handle: Handle):
+        tokenizer = handle._engine.tokenizer
+        if tokenizer is None:
+            raise InputError("text events need an engine that has the tokenizer (Gemma.engine() makes one)")
+        self.handle = handle
+        self.stream = TextStream(tokenizer, handle.opts.stop, handle.opts.eos_ids)
+
+    def feed(self, event: TokenEvent) -> list[Event]:
+        stream, out = self.stream, []
+        for token in event.tokens:
+            if stream.stopped:  # tokens the engine made before the cancel took effect are not the reply's
+                break
+            out += stream.add(token)
+            if stream.stopped:
+                self.handle.cancel("stop_string")
+        if event.finish_reason is not None:
+            stats = event.stats or GenerationStats()
+            stats.generated_tokens = len(stream.tokens)
+            reason = stats.finish_reason = "stop_string" if stream.stopped else event.finish_reason
+            out += stream.finish()
+            out.append(stream.final_event(reason, stats))
+        return out
+
+
 class Handle:
-    """A submitted request seen from outside: iterate its Events, read its tokens, cancel it (thread-safe)."""
+    """A submitted request seen from outside: iterate its TokenEvents (or its text Events: events(), aevents()),
+    read its tokens, cancel it. Thread-safe; the engine thread fills it."""
 
     def __init__(self, engine: Engine, opts: SamplingOptions):
         self._engine = engine
         self.opts = opts
         self._events: queue.Queue = queue.Queue()
+        self._notify = None  # set by aevents: wakes its asyncio loop when an event arrives
         self.cancelled: str | None = None  # the finish reason a cancel asked for
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -80,11 +110,31 @@ class Handle:
 
     def cancel(self, reason: str = "interrupted") -> None:
         """Ask the engine to end this sequence at its next step (finish_reason = reason)."""
-        self.cancelled = reason
-        self._engine._wake()
+        if self.finish_reason is None and self.cancelled is None:
+            self.cancelled = reason
+            self._engine._wake()
 
-    def __iter__(self):
-        """The Events as they come, until the last one; with no engine thread, steps the engine itself."""
+    @property
+    def done(self) -> bool:
+        """Whether the sequence's last event has been read."""
+        return self.finish_reason is not None
+
+    def _put(self, event: TokenEvent) -> None:  # engine side
+        self._events.put(event)
+        notify = self._notify
+        if notify is not None:
+            notify()
+
+    def _record(self, event: TokenEvent) -> bool:
+        """Take in one event read from the queue; return whether it was the last."""
+        self.tokens += event.tokens
+        if event.finish_reason is not None or event.error is not None:
+            self.finish_reason, self.stats = event.finish_reason or "error", event.stats
+            return True
+        return False
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        """The TokenEvents as they come, until the last one; with no engine thread, steps the engine itself."""
         while True:
             try:
                 event = self._events.get(timeout=0.05) if self._engine.threaded else self._events.get_nowait()
@@ -92,36 +142,47 @@ class Handle:
                 if not self._engine.threaded:
                     self._engine.step()
                 continue
-            self.tokens += event.tokens
-            if event.finish_reason is not None or event.error is not None:
-                self.finish_reason, self.stats = event.finish_reason, event.stats
-                yield event
-                if event.error is not None:
-                    raise event.error
-                return
+            last = self._record(event)
             yield event
+            if event.error is not None:
+                raise event.error
+            if last:
+                return
 
     def events(self) -> Iterator[Event]:
         """The sequence's text Events as they come (answer, thinking and tool-call text apart), the last one
         (``event.done``) with the Result; a stop string ends the sequence (finish reason "stop_string")."""
-        tokenizer = self._engine.tokenizer
-        if tokenizer is None:
-            raise InputError("text events need an engine that has the tokenizer (Gemma.engine() makes one)")
-        stream = TextStream(tokenizer, self.opts.stop, self.opts.eos_ids)
+        feed = _TextFeed(self)
         for event in self:
-            for token in event.tokens:
-                if stream.stopped:  # tokens the engine made before the cancel took effect are not the reply's
-                    break
-                yield from stream.add(token)
-                if stream.stopped:
-                    self.cancel("stop_string")
-            if event.finish_reason is not None:
-                stats = event.stats or GenerationStats()
-                stats.generated_tokens = len(stream.tokens)
-                reason = "stop_string" if stream.stopped else event.finish_reason
-                stats.finish_reason = reason
-                yield from stream.finish()
-                yield stream.final_event(reason, stats)
+            yield from feed.feed(event)
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """events() for an asyncio loop: awaits each event without blocking the loop or holding a thread (the
+        engine must be started). If the consumer stops early (a client went away), the sequence is cancelled."""
+        if not self._engine.threaded:
+            raise InputError("aevents() needs a running engine thread (engine.start())")
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+        self._notify = lambda: loop.call_soon_threadsafe(arrived.set)
+        feed = _TextFeed(self)
+        try:
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    await arrived.wait()
+                    arrived.clear()
+                    continue
+                last = self._record(event)
+                if event.error is not None:
+                    raise event.error
+                for text_event in feed.feed(event):
+                    yield text_event
+                if last:
+                    return
+        finally:
+            self._notify = None
+            self.cancel()
 
     def result(self) -> list[int]:
         """All generated tokens, once the sequence has finished (waits for it)."""
@@ -338,7 +399,7 @@ class Engine:
         elif len(seq.output) >= seq.budget:
             finished = "length" if seq.budget == seq.opts.max_tokens else "context"
         seq.stats.finish_reason = finished or ""
-        seq.handle._events.put(TokenEvent([token]))
+        seq.handle._put(TokenEvent([token]))
         return finished is not None
 
     def _leave(self, rows: list[int], reasons: list[str]) -> None:
@@ -355,7 +416,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, *, keep: bool, caches: PromptCache | None = None) -> None:
         seq.stats.finish_reason = reason
-        seq.handle._events.put(TokenEvent([], finish_reason=reason, stats=seq.stats))
+        seq.handle._put(TokenEvent([], finish_reason=reason, stats=seq.stats))
         if keep and caches is not None and self.store_bytes:
             self._to_store(seq.id, caches)
 
@@ -395,10 +456,7 @@ class Engine:
         """Step until every handle's sequence has finished (without the thread)."""
         while any(h.finish_reason is None for h in handles):
             for h in handles:
-                while not h._events.empty():
-                    e = h._events.get()
-                    h.tokens += e.tokens
-                    if e.finish_reason is not None:
-                        h.finish_reason, h.stats = e.finish_reason, e.stats
+                while not h.done and not h._events.empty():
+                    h._record(h._events.get())
             if any(h.finish_reason is None for h in handles) and not self.step():
                 break

@@ -81,3 +81,32 @@ def test_events_need_a_tokenizer(g):
     h = Engine(g.model).submit(g.prepare("hi"), g.options(**GREEDY))
     with pytest.raises(InputError, match="tokenizer"):
         next(h.events())
+
+
+def test_asyncio_consumers_and_early_exit_cancels(g):
+    import asyncio
+
+    engine = g.engine(max_batch=4).start()
+    try:
+        prompts = ["alpha", "beta beta", "gamma gamma gamma"]
+
+        async def consume(p):
+            h = engine.submit(g.prepare(p), g.options(**GREEDY))
+            return [e async for e in h.aevents()][-1].result.text
+
+        async def leave_early():
+            h = engine.submit(g.prepare("delta"), g.options(greedy=True, max_tokens=200))
+            async for e in h.aevents():
+                if e.tokens:
+                    break  # the consumer goes away: the sequence is cancelled
+            await asyncio.get_running_loop().run_in_executor(None, h.result)  # its last event still comes
+            return h
+
+        async def main():
+            return await asyncio.gather(*(consume(p) for p in prompts), leave_early())
+
+        *texts, early = asyncio.run(main())
+        assert texts == [g.generate(p, **GREEDY).text for p in prompts]
+        assert early.finish_reason == "interrupted" and len(early.tokens) < 200
+    finally:
+        engine.close()

@@ -5,6 +5,7 @@
     print(gemma.generate("Hello!").content)               # or gemma_mlx.generate(gemma, "Hello!")
     for event in gemma_mlx.stream_generate(gemma, "Tell me a story"):
         print(event, end="")                              # event.kind: "answer", "thinking", "tool_call", "done"
+    results = gemma_mlx.batch_generate(gemma, ["Hi", "Name a colour"])   # many prompts in one batch
     chat = gemma_mlx.Chat(gemma, system="Be brief.")      # history, thinking, tools, attachments, save/load
     logits = gemma(input_ids, pixel_values=..., image_position_ids=...)   # the raw forward
 """
@@ -25,7 +26,7 @@ from .errors import (
 # Imported on first use: `import gemma_mlx.<anything>` (the CLI's entry point first of all) stays light and starts
 # no thread before the entry point has set up Ctrl-C handling (see __main__.py).
 _LAZY = {"Gemma": "api", "Event": "events", "Result": "events", "generate": "api", "load": "api",
-         "stream_generate": "api", "Chat": "chat"}
+         "stream_generate": "api", "batch_generate": "api", "Chat": "chat", "Engine": "engine"}
 
 
 def __getattr__(name: str):
@@ -42,5 +43,6 @@ def __dir__():
 
 __all__ = [
     "Chat", "ConfigError", "ContextLengthError", "ConvertError", "Event", "Gemma", "GemmaMLXError", "InputError",
-    "MediaError", "Result", "TemplateError", "WeightsError", "generate", "load", "stream_generate",
+    "MediaError", "Result", "TemplateError", "WeightsError", "Engine", "batch_generate", "generate", "load",
+    "stream_generate",
 ]

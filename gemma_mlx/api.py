@@ -22,6 +22,8 @@ from .template import ChatTemplate
 from .tokenizer import Tokenizer, strip_marks
 from .weights import load_model
 
+PROMPT_KEYS = ("prompt", "images", "audios", "videos", "system", "tools", "enable_thinking",
+               "allow_special_in_content")  # what batch_generate reads from a dict prompt besides sampling
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingOptions) if f.name not in ("eos_ids", "suppress_ids"))
 
 
@@ -212,6 +214,30 @@ class Gemma:
         """The finished reply to a prompt (keywords as for stream)."""
         return final_result(self.stream(prompt, **kwargs))
 
+    def batch_generate(self, prompts: list, *, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                       max_context: int | None = None, **sampling) -> list[Result]:
+        """One Result per prompt, generated together by the engine (each equal to its solo generate when greedy).
+
+        A prompt is a string, a message list, or a dict with "prompt" and any of images, audios, videos, system,
+        tools, enable_thinking and sampling options of its own (these override the shared ``sampling``).
+        """
+        if isinstance(prompts, (str, dict)) or not hasattr(prompts, "__iter__"):
+            raise InputError("batch_generate takes a list of prompts")
+        requests = []
+        for i, item in enumerate(prompts):
+            spec = dict(item) if isinstance(item, dict) else {"prompt": item}
+            if "prompt" not in spec:
+                raise InputError(f"prompt {i}: a dict prompt needs the key 'prompt'")
+            unknown = set(spec) - set(PROMPT_KEYS) - set(SAMPLING_KEYS) - {"greedy"}
+            if unknown:
+                raise InputError(f"prompt {i}: unknown key(s) {sorted(unknown)}")
+            own = {k: spec.pop(k) for k in list(spec) if k not in PROMPT_KEYS}
+            opts = self.options(**{**sampling, **own})
+            requests.append((self.prepare(spec.pop("prompt"), **spec), opts))
+        engine = self.engine(max_batch=max_batch, prefill_chunk=prefill_chunk, max_context=max_context)
+        handles = [engine.submit(prepared, opts) for prepared, opts in requests]
+        return [final_result(h.events()) for h in handles]
+
 
 def load(model: str | os.PathLike, *, dtype=None, revision: str | None = None,
          vision_mask: str | None = None) -> Gemma:
@@ -224,6 +250,12 @@ def generate(model: Gemma | str | os.PathLike, prompt: str | list[dict], **kwarg
     """The finished reply of model (a Gemma, or anything load takes) to prompt; keywords as for Gemma.stream."""
     g = model if isinstance(model, Gemma) else load(model)
     return g.generate(prompt, **kwargs)
+
+
+def batch_generate(model: Gemma | str | os.PathLike, prompts: list, **kwargs) -> list[Result]:
+    """One Result per prompt, generated together in batches (see Gemma.batch_generate)."""
+    g = model if isinstance(model, Gemma) else load(model)
+    return g.batch_generate(prompts, **kwargs)
 
 
 def stream_generate(model: Gemma | str | os.PathLike, prompt: str | list[dict], **kwargs) -> Iterator[Event]:

@@ -98,3 +98,44 @@ def test_batched_rows_trim_after_the_ring_wrapped_like_their_solo_caches(model):
     with pytest.raises(ValueError):
         batch.trim([5, 0])  # beyond what the ring keeps
     del handles
+
+
+def test_memory_limit_makes_sequences_wait_and_refuses_what_never_fits(model):
+    from gemma_mlx.errors import InputError
+
+    probe = Engine(model, ring_extra=4)
+    o = opts(12)
+    a, b, c = prompt(10, 4), prompt(14, 5), prompt(9, 6)
+    for p in (a, b, c):
+        probe.submit(p, o)
+    need = [probe.sequence_bytes(seq) for seq in probe.waiting]
+    limit = need[0] + need[1] + need[2] // 2  # a and b fit together; c must wait for one of them to leave
+    engine = Engine(model, ring_extra=4, memory_limit=limit)
+    handles = [engine.submit(p, o) for p in (a, b, c)]
+    most = 0
+    while engine.busy:
+        engine.step()
+        most = max(most, len(engine.running) + (engine.joining is not None))
+        assert engine._in_use() <= limit
+    engine.run(handles)
+    assert most == 2
+    for h, p in zip(handles, (a, b, c)):
+        assert h.tokens == solo(model, p, o)
+    with pytest.raises(InputError, match="memory limit"):
+        Engine(model, ring_extra=4, memory_limit=need[0] // 2).submit(a, o)
+
+
+def test_prompt_store_starts_a_new_sequence_at_the_cached_prefix(model):
+    engine = Engine(model, ring_extra=4, prefill_chunk=4, store_bytes=1 << 30)
+    first = prompt(30, 7)
+    h1 = engine.submit(first, opts(6))
+    engine.run([h1])
+    assert engine.store_prefixes() == [len(first) + 5]  # the prompt and all but the last (uncached) token
+    follow_up = first + h1.tokens + [106, 107] + prompt(8, 8)[2:]  # a multi-turn client: history + its new turn
+    h2 = engine.submit(follow_up, opts(6))
+    engine.run([h2])
+    assert h2.stats.reused_tokens > len(first)  # past the window (8): the ring was restored from the store
+    assert h2.tokens == solo(model, follow_up, opts(6))
+    tiny = Engine(model, ring_extra=4, store_bytes=1)  # a store too small for any cache keeps nothing
+    tiny.run([tiny.submit(first, opts(3))])
+    assert tiny.store_prefixes() == []

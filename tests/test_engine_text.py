@@ -110,3 +110,34 @@ def test_asyncio_consumers_and_early_exit_cancels(g):
         assert early.finish_reason == "interrupted" and len(early.tokens) < 200
     finally:
         engine.close()
+
+
+def test_batch_generate_equals_generate_with_media_and_per_prompt_options(g, fixtures_dir):
+    image = fixtures_dir / "media" / "chelsea.png"
+    audio = fixtures_dir / "media" / "speech_16k.flac"
+    prompts = [
+        "plain text",
+        [{"role": "user", "content": "a message list"}],
+        {"prompt": "what is in the picture?", "images": [image], "max_tokens": 9},
+        {"prompt": "what is said?", "audios": [audio], "system": "Be brief."},
+        {"prompt": "sampled", "temperature": 0.8, "seed": 7, "greedy": False},
+    ]
+    results = gemma_mlx.batch_generate(g, prompts, max_batch=3, **GREEDY)
+    assert len(results) == len(prompts)
+    for item, result in zip(prompts, results):
+        spec = dict(item) if isinstance(item, dict) else {"prompt": item}
+        p = spec.pop("prompt")
+        want = g.generate(p, **{**GREEDY, **spec})
+        assert result.tokens == want.tokens and result.text == want.text
+    assert len(results[2].tokens) <= 9
+
+
+def test_batch_generate_refuses_bad_prompts(g):
+    from gemma_mlx.errors import InputError
+
+    with pytest.raises(InputError, match="list of prompts"):
+        g.batch_generate("one string")
+    with pytest.raises(InputError, match="prompt 1: unknown key"):
+        g.batch_generate(["ok", {"prompt": "x", "imagez": []}])
+    with pytest.raises(InputError, match="needs the key 'prompt'"):
+        g.batch_generate([{"images": []}])

@@ -112,15 +112,17 @@ def test_asyncio_consumers_and_early_exit_cancels(g):
         engine.close()
 
 
-def test_batch_generate_equals_generate_with_media_and_per_prompt_options(g, fixtures_dir):
+def test_batch_generate_equals_generate_with_image_audio_video_and_per_prompt_options(g, fixtures_dir):
     image = fixtures_dir / "media" / "chelsea.png"
     audio = fixtures_dir / "media" / "speech_16k.flac"
+    video = fixtures_dir / "media" / "bigbuckbunny.mp4"
     prompts = [
         "plain text",
         [{"role": "user", "content": "a message list"}],
         {"prompt": "what is in the picture?", "images": [image], "max_tokens": 9},
         {"prompt": "what is said?", "audios": [audio], "system": "Be brief."},
         {"prompt": "sampled", "temperature": 0.8, "seed": 7, "greedy": False},
+        {"prompt": "what happens?", "videos": [video], "max_tokens": 6},
     ]
     results = gemma_mlx.batch_generate(g, prompts, max_batch=3, **GREEDY)
     assert len(results) == len(prompts)

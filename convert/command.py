@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import signal
+import sys
 
 import click
 
@@ -51,9 +53,21 @@ def convert_command(source, out, bits, group_size, mode, recipe, dtype, revision
     """
     if not quiet:  # at once: reading headers and building the model's plan is silent for seconds on the 12B
         click.echo(f"converting {source} -> {out}: checking the checkpoint...", err=True)
+    from gemma_mlx.interrupts import Terminated, ignore_interrupts, terminate_raises
+
     from . import convert
 
+    def finished(summary) -> None:  # OUT is in place (interrupts held off): a late one must not report failure
+        ignore_interrupts()
+        click.echo(str(summary))
+
     bits = None if bits == "none" else bits if bits == "auto" else int(bits)
-    summary = convert(source, out, bits=bits, group_size=int(group_size), mode=mode, recipe=recipe, dtype=dtype,
-                      revision=revision, force=force, shard_size=shard_size, progress=not quiet)
-    click.echo(str(summary))
+    with terminate_raises():  # SIGTERM cleans up as Ctrl-C does, instead of killing the process mid-write
+        try:
+            convert(source, out, bits=bits, group_size=int(group_size), mode=mode, recipe=recipe, dtype=dtype,
+                    revision=revision, force=force, shard_size=shard_size, progress=not quiet, on_done=finished)
+        except (KeyboardInterrupt, Terminated) as e:
+            what, code = (("terminated", Terminated.exit_code) if isinstance(e, Terminated) else
+                          ("interrupted", 128 + int(signal.SIGINT)))
+            click.echo(f"{what}: {out} is left as it was", err=True)
+            sys.exit(code)

@@ -811,8 +811,9 @@ def write_tokenizer(g: GGUFFile, out: Path, arch: str, raw: dict) -> str | None:
 
 
 def convert_gguf(source: Path, out: Path, *, bits: int | None, keep_blocks: bool, group_size: int, mode: str,
-                 recipe: str, dtype: str | None, force: bool, shard_size: int, progress: bool) -> ConvertSummary:
-    """Convert a Gemma 3 / Gemma 4 GGUF file into an MLX model directory at out."""
+                 recipe: str, dtype: str | None, force: bool, shard_size: int, progress: bool,
+                 on_done=None) -> ConvertSummary:
+    """Convert a Gemma 3 / Gemma 4 GGUF file into an MLX model directory at out (on_done: see atomic_output)."""
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -862,4 +863,4 @@ def convert_gguf(source: Path, out: Path, *, bits: int | None, keep_blocks: bool
         return write_model(tmp, sources, config, raw, bits=bits, group_size=group_size, mode=mode, recipe=recipe,
                            target=target, shard_size=shard_size, progress=progress, card=card)
 
-    return atomic_output(Path(out), force, fill, start, protect=[source])
+    return atomic_output(Path(out), force, fill, start, protect=[source], on_done=on_done)

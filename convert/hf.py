@@ -135,8 +135,9 @@ def _skipped(key: str, config) -> bool:
 
 def convert_hf(source: str | Path, out: str | Path, *, bits: int | None, group_size: int, mode: str, recipe: str,
                dtype: str | None, revision: str | None, force: bool, shard_size: int,
-               progress: bool) -> ConvertSummary:
-    """Convert a Hugging Face checkpoint (directory or hub id) into an MLX directory at out."""
+               progress: bool, on_done=None) -> ConvertSummary:
+    """Convert a Hugging Face checkpoint (directory or hub id) into an MLX directory at out (on_done: see
+    atomic_output)."""
     start = time.perf_counter()
     check_recipe(recipe)
     try:
@@ -175,4 +176,4 @@ def convert_hf(source: str | Path, out: str | Path, *, bits: int | None, group_s
             for m in mapped:
                 m.close()
 
-    return atomic_output(Path(out), force, fill, start, protect=[src])
+    return atomic_output(Path(out), force, fill, start, protect=[src], on_done=on_done)

@@ -616,20 +616,19 @@ def _check_replaceable(out: Path, protect: list[Path]) -> None:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Rename tmp to out (moving an existing out aside first), with Ctrl-C held off between the renames."""
-    with held_off():
-        if out.exists():
-            old = out.with_name(f".{_sibling_tag(out.name)}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+    """Rename tmp to out (moving an existing out aside first); the caller holds interrupts off around it."""
+    if out.exists():
+        old = out.with_name(f".{_sibling_tag(out.name)}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(out, old)
+        try:
             os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -646,15 +645,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_output(out: Path, force: bool, fill: Callable[[Path], dict], start: float,
-                  protect: list[Path] = ()) -> ConvertSummary:
+                  protect: list[Path] = (), on_done: Callable[[ConvertSummary], None] | None = None
+                  ) -> ConvertSummary:
     """Run fill(tmp) in a temporary directory beside out, verify what it wrote, then rename it to out.
 
-    Whatever stops it (a bad tensor, a full disk, Ctrl-C, SIGTERM) removes the temporary directory and any
-    parent directory it created, and leaves out as it was.
+    Whatever stops it before the rename (a bad tensor, a full disk, Ctrl-C, SIGTERM) removes the temporary
+    directory and any parent directory it created, and leaves out as it was. Ctrl-C and SIGTERM are held off
+    from the rename until on_done(summary) has returned: on_done is where a caller reports the finished model
+    (the CLI prints its line there and ignores interrupts from then on, as they can no longer stop anything).
+    An interrupt held off is raised after that, with out complete.
     """
     out = check_output(out, force, list(protect))
     created: list[Path] = []
     tmp = None
+    committed = False
     try:
         created = _make_parents(out.parent)
         tmp = _make_temp_dir(out)
@@ -662,8 +666,17 @@ def atomic_output(out: Path, force: bool, fill: Callable[[Path], dict], start: f
         write_marker(tmp)
         verify_output(tmp, written)
         _fsync_dir(tmp)
-        _commit(tmp, out)
+        with held_off():
+            _commit(tmp, out)
+            committed = True
+            size = sum((out / f).stat().st_size for f in written["files"])
+            summary = ConvertSummary(out, len(written["expected"]), size, written["parameters"],
+                                     time.perf_counter() - start)
+            if on_done is not None:
+                on_done(summary)
     except BaseException as e:
+        if committed:  # out is complete: nothing to undo, and no write failed
+            raise
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.lexists(out):
@@ -671,5 +684,4 @@ def atomic_output(out: Path, force: bool, fill: Callable[[Path], dict], start: f
         if isinstance(e, OSError):
             raise _write_failure(out, e) from None
         raise
-    size = sum((out / f).stat().st_size for f in written["files"])
-    return ConvertSummary(out, len(written["expected"]), size, written["parameters"], time.perf_counter() - start)
+    return summary

@@ -60,15 +60,92 @@ def route_to_main_thread() -> bool:
     return True
 
 
+class Terminated(BaseException):
+    """A SIGTERM, raised in the main thread while ``terminate_raises`` is active, so that cleanup runs as it does
+    for Ctrl-C. Like KeyboardInterrupt it is no Exception: ``except Exception`` does not swallow it."""
+
+    exit_code = 128 + int(signal.SIGTERM)  # the shell's code for "killed by SIGTERM": 143
+
+
+@contextmanager
+def terminate_raises():
+    """Within the block, SIGTERM raises Terminated in the main thread instead of ending the process at once.
+
+    Python's default for SIGTERM kills the process before any ``finally`` runs (a conversion's temporary
+    directory stayed behind). CPython runs Python-level handlers in the main thread whichever thread the kernel
+    hands the signal to, so MLX's and OpenBLAS's threads need no mask for this. The SIGINT and SIGTERM handlers
+    in place before the block are back after it, also where ignore_interrupts was called inside (a process that
+    runs the CLI in-process, like the tests, keeps its Ctrl-C). Outside the main thread the block changes nothing
+    (only the main thread may install handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_interrupts() -> None:
+    """Ctrl-C and SIGTERM are ignored until the enclosing terminate_raises block ends: for work that is done and
+    cannot be undone (a conversion whose model is in place), so that a late press cannot make it report a
+    failure. Main thread only; a routed press then finds SIG_IGN and is dropped."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 @contextmanager
 def held_off():
-    """Ctrl-C and SIGTERM wait until the block ends (a rename that must not be cut in half), routed or not."""
+    """Ctrl-C and SIGTERM wait until the block ends (a rename that must not be cut in half), routed or not.
+
+    The mask holds off what is aimed at the main thread (SIGINT, SIGTERM, and the routed presses' carrier). A
+    process-directed signal may still land on one of MLX's or OpenBLAS's threads, which do not block SIGTERM,
+    and CPython then runs its handler in the main thread at once, inside the block: so the block also stands in
+    a recorder for the SIGINT and SIGTERM handlers. At the end every signal recorded is raised again, once each,
+    in order, for the handler in place then: the previous one, or one the block installed itself (a conversion
+    that has put its model in place sets interrupts to be ignored).
+    """
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
     held = {signal.SIGINT, signal.SIGTERM} | ({CARRIER} if CARRIER is not None else set())
+    recorded: list[int] = []
+    previous: dict[int, object] = {}
+
+    def record(signum, frame):
+        recorded.append(signum)
+
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, record)
         yield
     finally:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is record:  # not replaced inside the block
+                signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for signum in recorded:
+            _deliver(signum)
+
+
+def _deliver(signum: int) -> None:
+    """Run what the handler now installed for signum does (raise_signal would leave a SIGINT that routing blocks
+    pending on this thread, where the watcher never sees it)."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.raise_signal(signum)

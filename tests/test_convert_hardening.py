@@ -223,3 +223,105 @@ def test_a_status_line_comes_first_and_quiet_silences_it(tiny_gemma4, tmp_path):
     assert code == 0 and output.splitlines()[0] == f"converting {src} -> {tmp_path / 'out'}: checking the checkpoint..."
     code, output = cli_convert(str(src), "-o", str(tmp_path / "quiet"), "-q", "8", "--quiet")
     assert code == 0 and "converting" not in output
+
+
+# -- 3. signals: SIGTERM cleans up as Ctrl-C does; after the final rename nothing reports failure -------------------
+
+SIGNAL_CHILD = r"""
+import os, signal, sys, threading, time
+from gemma_mlx import settings
+from gemma_mlx.interrupts import route_to_main_thread
+settings.get()
+route_to_main_thread()  # as gemma_mlx.__main__.main does, before any other thread exists
+from gemma_mlx.convert import writer
+when, args = sys.argv[1], sys.argv[2:]
+real_stream, real_commit = writer._stream_shard, writer._commit
+bystander = threading.Thread(target=time.sleep, args=(600,), daemon=True)  # a thread that blocks no SIGTERM
+bystander.start()
+
+def paused(*a, **kw):  # mid-write, with the temporary directory holding a partial shard
+    print("writing", flush=True)
+    time.sleep(60)
+    return real_stream(*a, **kw)
+
+def commit_then(signame):
+    def commit(tmp, out):
+        if signame == "SIGTERM-to-a-thread":  # lands on a thread the rename's mask does not cover
+            signal.pthread_kill(bystander.ident, signal.SIGTERM)
+            time.sleep(0.3)
+        real_commit(tmp, out)
+        if signame != "SIGTERM-to-a-thread":
+            os.kill(os.getpid(), getattr(signal, signame))
+            time.sleep(0.3)  # a routed press reaches the main thread within 50 ms
+    return commit
+
+if when == "mid-write":
+    writer._stream_shard = paused
+else:
+    writer._commit = commit_then(when)
+from gemma_mlx.cli import cli
+cli(["convert", *args])
+"""
+
+
+def signal_child(when: str, src: Path, out: Path, *extra: str) -> subprocess.Popen:
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, when, str(src), "-o", str(out), "-q", "8", "--quiet",
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signame, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_signal_mid_write_removes_the_temporary_directory_and_leaves_out(tiny_gemma4, tmp_path, signame, code,
+                                                                           word, force):
+    import signal
+
+    _, src = tiny_gemma4
+    out = tmp_path / "out"
+    if force:
+        convert(src, out, bits=4, progress=False)
+    before = tree(tmp_path)
+    child = signal_child("mid-write", src, out, *(("--force",) if force else ()))
+    try:
+        assert child.stdout.readline() == "writing\n"
+        assert any(".partial-" in p.name for p in tmp_path.iterdir())  # the signal comes while it is there
+        child.send_signal(getattr(signal, signame))
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"{word}: {out} is left as it was"] and stdout == ""
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("when", ["SIGINT", "SIGTERM", "SIGTERM-to-a-thread"])
+def test_a_signal_at_or_after_the_final_rename_does_not_report_failure(tiny_gemma4, tmp_path, when):
+    """Once OUT is in place, an interrupt can no longer stop anything: exit 0, the summary line, OUT complete.
+    A SIGTERM that lands on another thread during the rename is held off too (the mask covers the main thread
+    only; the rename's block also stands in for the handlers)."""
+    from gemma_mlx.weights import load_model
+
+    _, src = tiny_gemma4
+    out = tmp_path / "out"
+    child = signal_child(when, src, out)
+    try:
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0, stderr
+    assert stderr == "" and stdout.startswith(f"{out}: ") and len(stdout.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / MARKER).is_file()
+    load_model(out)  # complete: the weights load
+
+
+def test_the_command_run_in_process_gives_the_signal_handlers_back(tiny_gemma4, tmp_path):
+    """The command ignores interrupts once OUT is in place, and SIGTERM raises while it runs: a process that runs
+    the CLI in-process (as these tests do) has its own handlers back afterwards, and its children Ctrl-C."""
+    import signal
+
+    _, src = tiny_gemma4
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code, _ = cli_convert(str(src), "-o", str(tmp_path / "out"), "-q", "8", "--quiet")
+    assert code == 0 and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

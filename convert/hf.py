@@ -24,14 +24,11 @@ from gemma_mlx.errors import ConfigError, ConvertError, WeightsError
 from gemma_mlx.weights import canonical_name, parse_dtype, read_safetensors_header, resolve_model_path, safetensors_files
 
 from .quantize import check_recipe
+from .sidefiles import check_source_side_files, present_side_files
 from .writer import ConvertSummary, Source, atomic_output, write_model
 
 NUMPY_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 TENSOR_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-# Files copied next to the weights: tokenizer, chat template, generation and processor configs.
-SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-                 "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
 
 def expected_shapes(config) -> dict[str, tuple]:
@@ -151,14 +148,14 @@ def convert_hf(source: str | Path, out: str | Path, *, bits: int | None, group_s
         if config.quantization:
             raise ConvertError(f"{src} is already quantized; convert from the bf16/fp32 checkpoint")
         headers = _checked_headers(src, config)
+        check_source_side_files(src, config)  # before anything is written: the output would carry them
     except WeightsError as e:
         raise ConvertError(str(e)) from None
     target = parse_dtype(dtype or _source_dtype(config.raw, headers))
 
     def fill(tmp: Path) -> dict:
-        for name in SIDECAR_FILES:
-            if (src / name).is_file():
-                shutil.copy(src / name, tmp / name)
+        for name in present_side_files(src):
+            shutil.copy(src / name, tmp / name)
         mapped = [MappedSafetensors(f) for f in headers]
         try:
             sources = []

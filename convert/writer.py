@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from gemma_mlx.config import GEMMA3_TEXT, load_config
 from gemma_mlx.errors import ConfigError, ConvertError, WeightsError
 from gemma_mlx.interrupts import held_off
-from gemma_mlx.weights import apply_quantization, canonical_weights, read_safetensors_header
+from gemma_mlx.weights import apply_quantization, canonical_weights, read_safetensors_header, safetensors_files
 
 from .quantize import QuantSpec, output_name, quant_spec
 
@@ -392,36 +392,45 @@ def model_card(plans: list[Planned], quant: dict | None, target: mx.Dtype, total
 
 # -- checking what was written -----------------------------------------------------------------------
 
-def verify_output(tmp: Path, written: dict) -> None:
-    """Re-open every shard and check each tensor is present with the dtype and shape planned, then that the
-    output's own config.json describes exactly these tensors (what our loader will require)."""
+def verify_output(tmp: Path, written: dict, out: Path | None = None) -> None:
+    """Load tmp as the runtime will, without running the model: the shards the runtime finds (through the index)
+    are those written, each tensor is present with the dtype and shape planned, the output's own config.json
+    describes exactly these tensors, and the tokenizer, chat template and generation defaults load (named as
+    out's files)."""
+    from .sidefiles import check_output_side_files
+
     expected = written["expected"]
     found: dict[str, tuple] = {}
-    for name in written["files"]:
-        try:
+    try:
+        shards = sorted(p.name for p in safetensors_files(tmp))
+        if shards != sorted(written["files"]):
+            raise ConvertError(f"verification failed: the runtime finds the shards {shards}, "
+                               f"{sorted(written['files'])} were written")
+        for name in written["files"]:
             infos, _ = read_safetensors_header(tmp / name)
-        except (WeightsError, OSError) as e:
-            raise ConvertError(f"verification failed: {e}") from None
-        found.update({k: (i.dtype, tuple(i.shape), name) for k, i in infos.items()})
+            found.update({k: (i.dtype, tuple(i.shape), name) for k, i in infos.items()})
+    except (WeightsError, OSError) as e:
+        raise ConvertError(f"verification failed: {e}") from None
     problems = [f"{k} missing" for k in expected if k not in found]
     problems += [f"{k} is {found[k]}, planned {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
     problems += [f"{k} unexpected" for k in found if k not in expected]
     index = json.loads((tmp / "model.safetensors.index.json").read_text())["weight_map"]
     if index != {k: v[2] for k, v in expected.items()}:
         problems.append("model.safetensors.index.json does not match the shards")
-    if not problems:
-        problems = _model_mismatches(tmp, {k: v[1] for k, v in expected.items()})
-    if problems:
-        raise ConvertError("verification failed: " + "; ".join(problems[:5]))
-
-
-def _model_mismatches(tmp: Path, shapes: dict[str, tuple]) -> list[str]:
-    from gemma_mlx.model.multimodal import Model
-
     try:
         config = load_config(tmp)
     except ConfigError as e:
-        return [str(e)]
+        problems.append(str(e))
+    if not problems:
+        problems = _model_mismatches(config, {k: v[1] for k, v in expected.items()})
+    if problems:
+        raise ConvertError("verification failed: " + "; ".join(problems[:5]))
+    check_output_side_files(tmp, out or tmp, config)
+
+
+def _model_mismatches(config, shapes: dict[str, tuple]) -> list[str]:
+    from gemma_mlx.model.multimodal import Model
+
     weights = canonical_weights(shapes, config)
     model = Model(config)  # parameters are lazy: nothing is allocated, even for the 12B
     apply_quantization(model, weights, config)
@@ -664,7 +673,7 @@ def atomic_output(out: Path, force: bool, fill: Callable[[Path], dict], start: f
         tmp = _make_temp_dir(out)
         written = fill(tmp)
         write_marker(tmp)
-        verify_output(tmp, written)
+        verify_output(tmp, written, out)
         _fsync_dir(tmp)
         with held_off():
             _commit(tmp, out)

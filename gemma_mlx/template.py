@@ -358,6 +358,9 @@ class ChatTemplate:
                  limits: RenderLimits = RenderLimits()):
         # A dict holds named templates ("default", "tool_use", ...), as in tokenizer_config.json.
         self.templates = dict(source) if isinstance(source, Mapping) else {"default": source}
+        if not self.templates or not all(isinstance(k, str) and isinstance(t, str) and t
+                                         for k, t in self.templates.items()):
+            raise TemplateError("a chat template must be a non-empty string, or a mapping of names to such strings")
         self.special_tokens = dict(special_tokens or {})
         self.limits = limits
         for template in self.templates.values():
@@ -375,13 +378,20 @@ class ChatTemplate:
         path = Path(path)
         config = _read_json(path / "tokenizer_config.json")
         tokens = {**special_tokens_map(config), **(special_tokens or {})}
-        if (path / "chat_template.jinja").is_file():
-            return cls((path / "chat_template.jinja").read_text(encoding="utf-8"), tokens)
-        for template in (config.get("chat_template"), _read_json(path / "chat_template.json").get("chat_template")):
+        sources = ((path / "chat_template.jinja", lambda: _read_text(path / "chat_template.jinja")),
+                   (path / "tokenizer_config.json", lambda: config.get("chat_template")),
+                   (path / "chat_template.json", lambda: _read_json(path / "chat_template.json").get("chat_template")))
+        for file, read in sources:  # in order, each read only if those before hold none
+            template = read()
             if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+                if not all(isinstance(t, Mapping) and "name" in t and "template" in t for t in template):
+                    raise TemplateError(f"{file}: chat_template must list objects with a name and a template")
                 template = {t["name"]: t["template"] for t in template}
             if template:
-                return cls(template, tokens)
+                try:
+                    return cls(template, tokens)
+                except TemplateError as e:
+                    raise TemplateError(f"{file}: {e}") from None
         raise TemplateError(f"{path} has no chat template (chat_template.jinja, tokenizer_config.json "
                             "or chat_template.json)")
 
@@ -439,9 +449,28 @@ class ChatTemplate:
 
 
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
+    """A side file's JSON object ({} if absent), through the one safe reader (FIFOs, size, depth, UTF-8)."""
+    from .jsonfile import read_json_object
+
+    return read_json_object(file, error=TemplateError, missing={})
+
+
+MAX_TEMPLATE_BYTES = 4 * 2**20  # Gemma 4's template is 12 KB
+
+
+def _read_text(file: Path) -> str | None:
+    """The UTF-8 text of a template file (None if absent); a TemplateError naming it if it cannot be one."""
+    from .jsonfile import open_regular
+
+    f = open_regular(file, TemplateError, file.name)
+    if f is None:
+        return None
+    with f:
+        raw = f.read(MAX_TEMPLATE_BYTES + 1)
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"{file}: more than {MAX_TEMPLATE_BYTES} bytes is too large for a chat template")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TemplateError(f"{file} is not valid JSON: {e}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"{file} is not UTF-8 text (byte {e.start})") from None
+    return text

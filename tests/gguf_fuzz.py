@@ -3,7 +3,8 @@ headers, and a bounded worker process that converts each case and reports how it
 
 Every case runs in a worker process with an address-space limit (RLIMIT_AS) and a per-case deadline enforced
 from outside (a hang in native code is caught too); a worker that dies or hangs is blamed for the case it had
-started and replaced. The only acceptable endings are a GemmaMLXError or a conversion that succeeds.
+started and replaced. The only acceptable endings are a GemmaMLXError that leaves neither OUT nor a temporary directory, or a
+conversion whose model loads and runs. The sources may be GGUF files or checkpoint directories (convert_fuzz.py).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def mutate(raw: bytes, parts: Split, rng: random.Random) -> tuple[bytes, str]:
 @dataclass
 class Outcome:
     case: str
-    ending: str         # "error" (a GemmaMLXError), "converted", "crash" (another exception), "died", "hang"
+    ending: str  # "error" (a GemmaMLXError), "converted" (and it loads), "crash" (another exception), "died",
+    # "hang", "left behind" (an error that left OUT or a temporary directory), "does not load" (converted)
     detail: str = ""
 
 
@@ -241,6 +243,29 @@ def _collect(proc: subprocess.Popen, batch: list[dict], results: list[Outcome]) 
                 started, done = -1, done + 1
 
 
+def leftovers(out: Path) -> list[str]:
+    """What a failed conversion to out left: out itself, or one of its temporary siblings (.NAME.partial-...)."""
+    left = [out.name] if os.path.lexists(out) else []
+    return left + sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def load_converted(out: Path) -> None:
+    """Load a converted model as a user would (gemma_mlx.load; the raw loader where the source had no tokenizer,
+    as a GGUF without a vocabulary) and run two text tokens through it."""
+    import mlx.core as mx
+
+    import gemma_mlx
+    from gemma_mlx.weights import load_model
+
+    if (out / "tokenizer.json").exists():
+        model = gemma_mlx.load(out).model
+    else:
+        model, _ = load_model(out)
+    media = set(model.config.token_ids.values())  # a placeholder without its media is the caller's error
+    text = [i for i in range(model.config.text.vocab_size) if i not in media][:2]
+    mx.eval(model(mx.array([text])))
+
+
 def _worker(job: Path) -> None:
     """Convert each case of job (a JSON list), reporting @@start / @@done lines on stdout."""
     import shutil
@@ -256,14 +281,23 @@ def _worker(job: Path) -> None:
     for i, case in enumerate(json.loads(job.read_text())):
         out.write(f"@@start {i}\n")
         out.flush()
+        target = Path(case["out"])
         try:
-            convert(case["path"], case["out"], progress=False, **case["kwargs"])
-            report = {"ending": "converted", "detail": ""}
+            convert(case["path"], target, progress=False, **case["kwargs"])
         except GemmaMLXError as e:
             report = {"ending": "error", "detail": f"{type(e).__name__}: {e}"}
+            left = leftovers(target)
+            if left:
+                report = {"ending": "left behind", "detail": f"{', '.join(left)} after {report['detail']}"}
         except Exception as e:  # noqa: BLE001 - anything else is the bug this campaign looks for
             report = {"ending": "crash", "detail": "".join(traceback.format_exception(e))[-3000:]}
-        shutil.rmtree(case["out"], ignore_errors=True)
+        else:
+            report = {"ending": "converted", "detail": ""}
+            try:
+                load_converted(target)
+            except Exception as e:  # noqa: BLE001 - a conversion that "succeeds" must write a model that loads
+                report = {"ending": "does not load", "detail": "".join(traceback.format_exception(e))[-3000:]}
+        shutil.rmtree(target, ignore_errors=True)
         out.write("@@done " + json.dumps(report) + "\n")
         out.flush()
 

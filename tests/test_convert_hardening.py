@@ -325,3 +325,115 @@ def test_the_command_run_in_process_gives_the_signal_handlers_back(tiny_gemma4, 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     code, _ = cli_convert(str(src), "-o", str(tmp_path / "out"), "-q", "8", "--quiet")
     assert code == 0 and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+# -- 4. side files: a source whose side files do not load is refused; the output is loaded before the rename -------
+
+@pytest.fixture()
+def complete_source(tmp_path):
+    """A complete tiny checkpoint (weights, config, byte tokenizer, the real template, generation config)."""
+    from gemma_mlx.tiny import write_demo_model
+
+    return write_demo_model(tmp_path / "src")
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+SIDE_FILE_DAMAGE = [
+    ("tokenizer.json", b'{"version": "1.0", "model":', "tokenizer.json cannot be read as a tokenizer"),
+    ("tokenizer.json", b"\xff\xfe not json", "tokenizer.json cannot be read as a tokenizer"),
+    ("tokenizer.json", "directory", "tokenizer.json is a directory"),
+    ("tokenizer.json", "fifo", "tokenizer.json is not a regular file"),
+    ("tokenizer.json", "dangling", "tokenizer.json is a dangling symbolic link"),
+    ("generation_config.json", b'{"suppress_tokens": [10000000]}', "suppress_tokens[0]=10000000 is outside"),
+    ("generation_config.json", b'{"eos_token_id": "one"}', "generation_config.json"),
+    ("generation_config.json", b"\xc3\x28", "generation_config.json is not UTF-8 text"),
+    ("generation_config.json", b"[1, 2]", "generation_config.json must hold a JSON object"),
+    ("chat_template.jinja", b"{% if %}", "chat_template.jinja: the chat template does not parse"),
+    ("chat_template.jinja", b"\xff{{ x }}", "chat_template.jinja is not UTF-8 text"),
+    ("tokenizer_config.json", _deep(500).encode(), "tokenizer_config.json: JSON nested too deeply"),
+    ("tokenizer_config.json", b'{"chat_template": 5}', "tokenizer_config.json"),
+    ("tokenizer_config.json", b'{"chat_template": [{"template": "x"}]}', "must list objects with a name"),
+    ("chat_template.json", b'{"chat_template": "{{ x"}', "chat_template.json: the chat template does not parse"),
+    ("processor_config.json", b'{"image_seq_length":', "processor_config.json is not valid JSON"),
+    ("preprocessor_config.json", b"null", "preprocessor_config.json must hold a JSON object"),
+    ("special_tokens_map.json", b"\x00\x01", "special_tokens_map.json"),
+]
+
+
+def damage(src: Path, name: str, content) -> None:
+    path = src / name
+    if path.exists():
+        path.unlink()
+    if content == "directory":
+        path.mkdir()
+    elif content == "fifo":
+        os.mkfifo(path)
+    elif content == "dangling":
+        path.symlink_to(src / "gone")
+    else:
+        path.write_bytes(content)
+
+
+@pytest.mark.parametrize("name, content, match", SIDE_FILE_DAMAGE,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(SIDE_FILE_DAMAGE)])
+def test_a_source_whose_side_files_do_not_load_is_refused(complete_source, tmp_path, name, content, match):
+    if name == "chat_template.json" or name == "tokenizer_config.json" and b"chat_template" in content:
+        (complete_source / "chat_template.jinja").unlink()  # else the .jinja is the template read
+    damage(complete_source, name, content)
+    refused(complete_source, tmp_path / "new" / "out", match)
+
+
+def test_a_tokenizer_without_the_media_tokens_is_refused(complete_source, tmp_path):
+    """config.json's media ids lie inside the model's vocabulary, but the tokenizer has fewer tokens."""
+    tokenizer = json.loads((complete_source / "tokenizer.json").read_text())
+    image = json.loads((complete_source / "config.json").read_text())["image_token_id"]
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] != image]
+    tokenizer["model"]["vocab"] = {k: v for k, v in tokenizer["model"]["vocab"].items() if v != image}
+    (complete_source / "tokenizer.json").write_text(json.dumps(tokenizer))
+    refused(complete_source, tmp_path / "out", f"the tokenizer has no token with id {image}")
+
+
+def test_a_complete_source_converts_to_a_model_that_loads(complete_source, tmp_path):
+    import gemma_mlx
+
+    code, output = cli_convert(str(complete_source), "-o", str(tmp_path / "out"), "-q", "8", "--quiet")
+    assert code == 0, output
+    g = gemma_mlx.load(tmp_path / "out")
+    assert g.template is not None and g.media_tokens is not None
+    assert g.generate("Hi", max_tokens=2, greedy=True).tokens  # and runs
+
+
+def test_the_output_is_loaded_as_the_runtime_does_before_the_rename(complete_source, tmp_path, monkeypatch):
+    """A side file that comes out unloadable (here: the copy is corrupted on its way) fails the final check,
+    naming OUT's file, and nothing is left."""
+    from gemma_mlx.convert import hf
+
+    real = hf.shutil.copy
+
+    def corrupting(a, b):
+        real(a, b)
+        if Path(b).name == "generation_config.json":
+            Path(b).write_text('{"top_k": -3}')
+
+    monkeypatch.setattr(hf.shutil, "copy", corrupting)
+    out = tmp_path / "out"
+    refused(complete_source, out, f"verification failed: the converted model would not load: "
+                                  f"{out}/generation_config.json")
+
+
+def test_a_gguf_whose_synthesized_side_files_do_not_load_is_refused(tiny_gemma4, tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    from test_convert_gguf import write_gemma4_gguf
+
+    hf, _ = tiny_gemma4
+    real = gguf.GGUFWriter.add_chat_template
+    monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda self, t: real(self, "{% for %}"))
+    path = write_gemma4_gguf(tmp_path / "bad-template.gguf", hf)
+    before = tree(tmp_path)
+    with pytest.raises(ConvertError, match=r"verification failed: the converted model would not load: .*"
+                                           r"out/chat_template.jinja: the chat template does not parse"):
+        convert(path, tmp_path / "out", progress=False)
+    assert tree(tmp_path) == before

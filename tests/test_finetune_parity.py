@@ -10,10 +10,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from gemma_mlx.finetune.data import Sample
-from gemma_mlx.finetune.lora import LoRASettings, apply_lora, load_adapter
+from gemma_mlx.finetune.lora import load_adapter
 from gemma_mlx.finetune.train import batch_loss
 from gemma_mlx.processing.prompt import PreparedPrompt
 from gemma_mlx.weights import load_model

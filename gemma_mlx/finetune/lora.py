@@ -70,7 +70,7 @@ class LoRASettings:
 class LoRALinear(nn.Module):
     """A frozen (possibly quantized) Linear plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0, key=None):
         super().__init__()
         out_dims, in_dims = base.weight.shape
         if isinstance(base, nn.QuantizedLinear):
@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(p=dropout) if dropout else None
         bound = 1 / math.sqrt(in_dims)  # PEFT's (kaiming-uniform) start for A; B starts at zero
-        self.lora_a = mx.random.uniform(-bound, bound, (rank, in_dims))
+        self.lora_a = mx.random.uniform(-bound, bound, (rank, in_dims), key=key)
         self.lora_b = mx.zeros((out_dims, rank))
 
     @property
@@ -186,14 +186,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
-def apply_lora(model: nn.Module, settings: LoRASettings) -> Adapter:
-    """Freeze model and put adapters on the projections settings choose; return them."""
+def apply_lora(model: nn.Module, settings: LoRASettings, *, seed: int = 0) -> Adapter:
+    """Freeze model and put adapters on the projections settings choose (A drawn from seed); return them."""
     settings.check(model.config.text.num_hidden_layers)
+    key = mx.random.key(seed)
     model.freeze()
     adapter = Adapter(settings)
     for name in _targets(model, settings):
         base = dict(model.named_modules())[name]
-        lora = LoRALinear(base, settings.rank, settings.scale, settings.dropout)
+        key, sub = mx.random.split(key)
+        lora = LoRALinear(base, settings.rank, settings.scale, settings.dropout, key=sub)
         lora.base.freeze()
         _set_module(model, name, lora)
         adapter.modules[name] = lora

@@ -240,9 +240,14 @@ class Gemma:
 
 
 def load(model: str | os.PathLike, *, dtype=None, revision: str | None = None,
-         vision_mask: str | None = None) -> Gemma:
-    """A Gemma from a hub repo id, a local Hugging Face checkpoint or a converted MLX directory."""
+         vision_mask: str | None = None, adapter: str | os.PathLike | None = None) -> Gemma:
+    """A Gemma from a hub repo id, a local Hugging Face checkpoint or a converted MLX directory; adapter: a
+    LoRA adapter directory (ours or PEFT's) put on it."""
     net, model_dir = load_model(model, dtype=dtype, revision=revision, vision_mask=vision_mask)
+    if adapter is not None:
+        from .finetune.lora import load_adapter
+
+        load_adapter(net, adapter)
     return Gemma(net, model_dir)
 
 

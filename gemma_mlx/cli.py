@@ -109,7 +109,7 @@ def _cpu_tip() -> None:
         click.secho(CPU_TIP, fg="yellow", err=True)
 
 
-def _load(model: str | None, dtype: str | None):
+def _load(model: str | None, dtype: str | None, adapter: str | None = None):
     from .api import load
 
     note = None
@@ -118,7 +118,7 @@ def _load(model: str | None, dtype: str | None):
     if note:
         click.secho(f"No MODEL given: using {note}.", fg="yellow", err=True)
     _cpu_tip()
-    return load(model, dtype=dtype)
+    return load(model, dtype=dtype, adapter=adapter)
 
 
 class _Group(click.Group):
@@ -219,6 +219,8 @@ def sampling_options(max_tokens: int):
                          help="Prompt tokens per forward pass (lower it to cap memory on long prompts)."),
             click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                          help="Compute dtype. [default: bfloat16 on Metal, float32 on CPU]"),
+            click.option("--adapter", type=click.Path(file_okay=False),
+                         help="A LoRA adapter directory (from `gemma-mlx lora`, or PEFT's) to run the model with."),
         ]):
             f = option(f)
         return f
@@ -351,7 +353,7 @@ The answer goes to standard output; thought text (--think) and stats go to stand
 @sampling_options(max_tokens=512)
 def generate(model, prompt, images, audios, videos, system, as_json, stats, **kw):
     text = _read_prompt(prompt)
-    g = _load(model, kw["dtype"])
+    g = _load(model, kw["dtype"], kw["adapter"])
     flag = _StopFlag()
     with flag.armed():
         stream = g.stream(text, images=images, audios=audios, videos=videos, system=system,
@@ -430,7 +432,7 @@ def chat(model, system, load_path, speed, **kw):
     from .chat import Chat
 
     _setup_readline()
-    g = _load(model, kw["dtype"])
+    g = _load(model, kw["dtype"], kw["adapter"])
     options = dict(max_context=kw["max_context"], prefill_chunk=kw["prefill_chunk"], **_sampling(kw))
     if load_path:
         session = Chat.load(g, load_path, **options)
@@ -547,6 +549,11 @@ def _register_optional_commands() -> None:
         from .convert.command import convert_command
     except ImportError as e:
         convert_command = _unavailable("convert", e)
+    try:
+        from .finetune.command import lora_command
+    except ImportError as e:
+        lora_command = _unavailable("lora", e)
+    cli.add_command(lora_command, "lora")
     try:
         from .demo import demo_command  # the lead's demo, once it lands
     except ImportError:

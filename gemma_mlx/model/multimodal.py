@@ -180,7 +180,7 @@ class Model(nn.Module):
         return masks.span_block_ids(spans, start, length)
 
     def hidden_states(self, h: mx.array, *, cache=None, spans=(), offset: int | None = None,
-                      vision_mask: str | None = None) -> mx.array:
+                      vision_mask: str | None = None, checkpoint: bool = False) -> mx.array:
         """Final-norm hidden states for input embeddings h (B, L, hidden) continuing the cache.
 
         spans: the prompt's media spans in absolute positions (PreparedPrompt.spans); its image and video
@@ -191,7 +191,7 @@ class Model(nn.Module):
             offset = cache_offset(cache)
         return self.language_model(h, cache=cache, offset=offset,
                                    blocks=self.vision_blocks(spans, offset, h.shape[1]),
-                                   vision_mask=vision_mask or self.vision_mask)
+                                   vision_mask=vision_mask or self.vision_mask, checkpoint=checkpoint)
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Soft-capped vocabulary logits for final hidden states."""

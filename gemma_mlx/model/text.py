@@ -172,6 +172,16 @@ class DecoderLayer(nn.Module):
         return x
 
 
+def _checkpointed(layer: DecoderLayer, h: mx.array, step: Step, shared: dict, i: int) -> mx.array:
+    """layer(h, ...) whose activations are recomputed in the backward pass (mx.checkpoint); the trainable
+    parameters go in as inputs so their gradients flow through the recomputation."""
+    def forward(params, x):
+        layer.update(params)
+        return layer(x, step, None, shared, i)
+
+    return mx.checkpoint(forward)(layer.trainable_parameters(), h)
+
+
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -183,6 +193,9 @@ class TextModel(nn.Module):
             (spec.layer_type, spec.head_dim): mx.array(spec.rope.inv_freq(spec.head_dim)) for spec in cfg.layers
         }
         self._embed_scale = embed_scale(cfg.hidden_size)
+        # Layers whose K/V later layers read (KV sharing): their forward has a side output, so it is never
+        # recomputed by gradient checkpointing.
+        self._kv_producers = {spec.kv_source for spec in cfg.layers if spec.kv_source is not None}
 
     def embed(self, ids: mx.array) -> mx.array:
         """Token embeddings times √hidden (the scale is cast to the table's dtype first, as in transformers)."""
@@ -200,10 +213,11 @@ class TextModel(nn.Module):
         return tables
 
     def __call__(self, h: mx.array, *, cache=None, offset=0, blocks: mx.array | None = None,
-                 vision_mask: str = masks.VISION_BIDIRECTIONAL_SLIDING) -> mx.array:
+                 vision_mask: str = masks.VISION_BIDIRECTIONAL_SLIDING, checkpoint: bool = False) -> mx.array:
         """Final-norm hidden states (B, L, H) for input embeddings h (B, L, H), row b at positions offset[b]..
 
-        offset is one int for every row or one per row (a batch of sequences at different depths).
+        offset is one int for every row or one per row (a batch of sequences at different depths). checkpoint
+        (training, no cache): each layer's activations are recomputed in the backward pass instead of kept.
         """
         B, L = h.shape[:2]
         offsets = np.broadcast_to(np.asarray(offset, dtype=np.int64).reshape(-1), (B,))
@@ -212,7 +226,11 @@ class TextModel(nn.Module):
                     vision_mask=vision_mask, rope=self.rope_tables(positions, h.dtype))
         shared: dict = {}
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, cache[i] if cache is not None else None, shared, i)
+            layer_cache = cache[i] if cache is not None else None
+            if checkpoint and layer_cache is None and i not in self._kv_producers:
+                h = _checkpointed(layer, h, step, shared, i)
+            else:
+                h = layer(h, step, layer_cache, shared, i)
         return self.norm(h)
 
     def logits(self, h: mx.array, head: nn.Module | None = None) -> mx.array:

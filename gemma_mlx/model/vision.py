@@ -17,7 +17,8 @@ LAYER_NORM_EPS = 1e-5
 
 
 def linear_dtype(layer: nn.Module):
-    """The floating dtype a (possibly quantized) Linear computes in."""
+    """The floating dtype a (possibly quantized, possibly adapted) Linear computes in."""
+    layer = getattr(layer, "base", layer)  # a LoRA adapter computes in its base layer's dtype
     return layer.scales.dtype if isinstance(layer, nn.QuantizedLinear) else layer.weight.dtype
 
 
@@ -35,8 +36,9 @@ class VisionEmbedder(nn.Module):
 
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
         dense = self.patch_dense
-        if isinstance(dense, nn.QuantizedLinear):
-            # Only the "all" recipe quantizes the front end; its product is MLX's quantized matmul.
+        if type(dense) is not nn.Linear:
+            # Only the "all" recipe quantizes the front end (its product is MLX's quantized matmul); a LoRA
+            # adapter on it (fine-tuning with --train-media) is a module call too.
             h = self.patch_ln2(dense(self.patch_ln1(patches.astype(linear_dtype(dense)))))
         else:
             h = ops.patch_embed(patches, self.patch_ln1.weight, self.patch_ln1.bias, dense.weight, dense.bias,

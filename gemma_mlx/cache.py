@@ -28,8 +28,209 @@ DEFAULT_FULL_STEP = 4096
 DEFAULT_RING_EXTRA = 256
 
 
-def _copy(x: mx.array | None) -> mx.array | None:
-    return None if x is None else mx.array(x)
+def _copy(x):
+    """A new array object over the same data (a QuantizedKV's three arrays likewise); None stays None."""
+    if x is None:
+        return None
+    return x.copy() if isinstance(x, QuantizedKV) else mx.array(x)
+
+
+def _zeros_like(x, shape: tuple) -> mx.array:
+    """Zeros of logical shape (B, H, S, D) stored as x is stored (float of x's dtype, or quantized like x)."""
+    if isinstance(x, QuantizedKV):
+        return QuantizedKV.zeros(shape, bits=x.bits, group_size=x.group_size, dtype=x.dtype)
+    return mx.zeros(shape, dtype=x.dtype)
+
+
+def _concat(xs: list, axis: int):
+    """mx.concatenate for float K/V, or for QuantizedKV along a leading axis (the same bits and group size)."""
+    if isinstance(xs[0], QuantizedKV):
+        return QuantizedKV.concatenate(xs, axis)
+    return mx.concatenate(xs, axis=axis)
+
+
+def _arrays(x) -> list[mx.array]:
+    """The mx.arrays that hold x (to evaluate them)."""
+    if x is None:
+        return []
+    return x.arrays() if isinstance(x, QuantizedKV) else [x]
+
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64)
+
+
+@dataclass(frozen=True)
+class KVSetting:
+    """How the K/V caches store keys and values: float (the compute dtype), or quantized with mx.quantize.
+
+    k_bits / v_bits: None (float) or 4 | 8, set apart; group_size: 32 | 64 elements of the head dim share one
+    scale and bias. quantized_kv_start: as in mlx-lm, a cache stays float until it holds more than this many
+    positions, then converts what it holds and quantizes everything after (0: quantized from the first token).
+    Validated once, here: a bad value is an InputError naming the field.
+    """
+
+    k_bits: int | None = None
+    v_bits: int | None = None
+    group_size: int = 64
+    quantized_kv_start: int = 0
+
+    def __post_init__(self):
+        for name in ("k_bits", "v_bits"):
+            bits = getattr(self, name)
+            if bits is not None and (isinstance(bits, bool) or bits not in KV_BITS):
+                raise InputError(f"{name} must be one of {', '.join(map(str, KV_BITS))} (or unset for float), "
+                                 f"got {bits!r}")
+        if isinstance(self.group_size, bool) or self.group_size not in KV_GROUP_SIZES:
+            raise InputError(f"kv group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
+                             f"got {self.group_size!r}")
+        start = self.quantized_kv_start
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise InputError(f"quantized_kv_start must be a whole number >= 0, got {start!r}")
+
+    @classmethod
+    def of(cls, kv_bits: int | None = None, *, k_bits: int | None = None, v_bits: int | None = None,
+           group_size: int | None = None, quantized_kv_start: int | None = None) -> KVSetting:
+        """The setting from user-facing options: kv_bits sets both K and V; k_bits / v_bits override each."""
+        return cls(k_bits=k_bits if k_bits is not None else kv_bits,
+                   v_bits=v_bits if v_bits is not None else kv_bits,
+                   group_size=64 if group_size is None else group_size,
+                   quantized_kv_start=0 if quantized_kv_start is None else quantized_kv_start)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether K or V is quantized at all."""
+        return self.k_bits is not None or self.v_bits is not None
+
+    def describe(self) -> str:
+        """A short name: "float", or e.g. "k8 v4 g64" (with "start N" when quantized_kv_start is set)."""
+        if not self.quantized:
+            return "float"
+        side = lambda b: "f" if b is None else str(b)  # noqa: E731
+        text = f"k{side(self.k_bits)} v{side(self.v_bits)} g{self.group_size}"
+        return text + (f" start {self.quantized_kv_start}" if self.quantized_kv_start else "")
+
+    def check(self, text_config) -> None:
+        """Raise InputError unless every layer's head dim splits into whole groups."""
+        if not self.quantized:
+            return
+        for i, spec in enumerate(text_config.layers):
+            if spec.head_dim % self.group_size:
+                raise InputError(f"kv group_size {self.group_size} does not divide the head dim {spec.head_dim} "
+                                 f"of layer {i}; use a group size that does")
+
+    def element_bytes(self, bits: int | None, float_bytes: int) -> float:
+        """Bytes one stored element takes: float_bytes, or bits/8 plus its share of a scale and a bias."""
+        if bits is None:
+            return float(float_bytes)
+        return bits / 8 + 2 * float_bytes / self.group_size
+
+    def position_bytes(self, num_kv_heads: int, head_dim: int, float_bytes: int) -> float:
+        """K plus V bytes of one position of one layer."""
+        per = num_kv_heads * head_dim
+        return per * (self.element_bytes(self.k_bits, float_bytes) + self.element_bytes(self.v_bits, float_bytes))
+
+    def quantize_keys(self, k: mx.array):
+        return k if self.k_bits is None or isinstance(k, QuantizedKV) else QuantizedKV.quantize(
+            k, self.k_bits, self.group_size)
+
+    def quantize_values(self, v: mx.array):
+        return v if self.v_bits is None or isinstance(v, QuantizedKV) else QuantizedKV.quantize(
+            v, self.v_bits, self.group_size)
+
+
+FLOAT_KV = KVSetting()
+
+
+@dataclass
+class QuantizedKV:
+    """Keys or values (B, H, S, D) as mx.quantize stores them: packed data (B, H, S, D * bits / 32) uint32 and a
+    scale and bias per group of the head dim (B, H, S, D / group_size) in the compute dtype.
+
+    It indexes, assigns, reshapes and concatenates along the leading axes like the float buffer it replaces (the
+    head dim is never indexed), so the caches write and read it in place the same way; attention dequantizes it
+    one key block at a time (kernels/reference.py).
+    """
+
+    data: mx.array
+    scales: mx.array
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    @classmethod
+    def quantize(cls, x: mx.array, bits: int, group_size: int) -> QuantizedKV:
+        data, scales, biases = mx.quantize(x, group_size=group_size, bits=bits)
+        return cls(data, scales, biases, bits, group_size)
+
+    @classmethod
+    def zeros(cls, shape: tuple, *, bits: int, group_size: int, dtype) -> QuantizedKV:
+        """A buffer that dequantizes to zeros (scale and bias 0)."""
+        lead, D = tuple(shape[:-1]), shape[-1]
+        return cls(mx.zeros(lead + (D * bits // 32,), dtype=mx.uint32), mx.zeros(lead + (D // group_size,), dtype),
+                   mx.zeros(lead + (D // group_size,), dtype), bits, group_size)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape[:-1]) + (self.data.shape[-1] * 32 // self.bits,)
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        """The float dtype it dequantizes to."""
+        return self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + self.biases.nbytes
+
+    def arrays(self) -> list[mx.array]:
+        return [self.data, self.scales, self.biases]
+
+    def dequantize(self) -> mx.array:
+        """The float values (in self.dtype)."""
+        return mx.dequantize(self.data, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+    def _like(self, data, scales, biases) -> QuantizedKV:
+        return QuantizedKV(data, scales, biases, self.bits, self.group_size)
+
+    def __getitem__(self, index) -> QuantizedKV:
+        return self._like(self.data[index], self.scales[index], self.biases[index])
+
+    def __setitem__(self, index, value: QuantizedKV) -> None:
+        if not isinstance(value, QuantizedKV) or (value.bits, value.group_size) != (self.bits, self.group_size):
+            raise TypeError("a quantized K/V buffer takes only K/V quantized the same way")
+        self.data[index] = value.data
+        self.scales[index] = value.scales
+        self.biases[index] = value.biases
+
+    def reshape(self, *shape) -> QuantizedKV:
+        """Reshape the leading axes; the last entry of shape is the (unchanged) head dim."""
+        lead = tuple(shape[:-1])
+        return self._like(self.data.reshape(lead + (self.data.shape[-1],)),
+                          self.scales.reshape(lead + (self.scales.shape[-1],)),
+                          self.biases.reshape(lead + (self.biases.shape[-1],)))
+
+    def copy(self) -> QuantizedKV:
+        return self._like(mx.array(self.data), mx.array(self.scales), mx.array(self.biases))
+
+    @staticmethod
+    def concatenate(xs: list[QuantizedKV], axis: int) -> QuantizedKV:
+        if axis in (-1, xs[0].ndim - 1):
+            raise ValueError("quantized K/V concatenate along a leading axis only")
+        if not all(isinstance(x, QuantizedKV) and (x.bits, x.group_size) == (xs[0].bits, xs[0].group_size)
+                   for x in xs):
+            raise TypeError("quantized K/V concatenate only with K/V quantized the same way")
+        return xs[0]._like(*(mx.concatenate([getattr(x, f) for x in xs], axis=axis)
+                             for f in ("data", "scales", "biases")))
+
+
+def dequantized(x) -> mx.array:
+    """x as a float array: dequantized if it is a QuantizedKV, else itself."""
+    return x.dequantize() if isinstance(x, QuantizedKV) else x
 
 
 class _KVBuffers:
@@ -45,7 +246,7 @@ class _KVBuffers:
 
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        return _arrays(self.keys) + _arrays(self.values)
 
 
 class FullCache(_KVBuffers):
@@ -73,8 +274,8 @@ class FullCache(_KVBuffers):
                 raise InputError(f"context of {needed} tokens exceeds this cache's max_size {self.max_size}")
             target = min(max(target, needed), self.max_size)
         B, H, _, D = k.shape
-        new_k = mx.zeros((B, H, target, D), dtype=k.dtype)
-        new_v = mx.zeros((B, H, target, v.shape[3]), dtype=v.dtype)
+        new_k = _zeros_like(k, (B, H, target, D))
+        new_v = _zeros_like(v, (B, H, target, v.shape[3]))
         if self.keys is not None and self.offset:
             new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
@@ -152,8 +353,8 @@ class RingCache(_KVBuffers):
         L = k.shape[2]
         if self.keys is None:
             B, H, _, D = k.shape
-            self.keys = mx.zeros((B, H, self.size, D), dtype=k.dtype)
-            self.values = mx.zeros((B, H, self.size, v.shape[3]), dtype=v.dtype)
+            self.keys = _zeros_like(k, (B, H, self.size, D))
+            self.values = _zeros_like(v, (B, H, self.size, v.shape[3]))
         start = self.offset
         if L <= self.extra:
             # The oldest L slots hold positions no query of this chunk can see: overwrite them in place.
@@ -164,8 +365,8 @@ class RingCache(_KVBuffers):
         # the newest `size` positions in the ring.
         past = np.arange(max(0, start - (self.window - 1)), start, dtype=np.int32)
         slots = mx.array(past % self.size)
-        keys = mx.concatenate([self.keys[..., slots, :], k], axis=2) if len(past) else k
-        values = mx.concatenate([self.values[..., slots, :], v], axis=2) if len(past) else v
+        keys = _concat([self.keys[..., slots, :], k], axis=2) if len(past) else k
+        values = _concat([self.values[..., slots, :], v], axis=2) if len(past) else v
         positions = np.concatenate([past, np.arange(start, start + L, dtype=np.int32)])
         keep = min(L, self.size)
         self._write(k[..., L - keep :, :], v[..., L - keep :, :], start + L - keep)
@@ -203,20 +404,84 @@ class RingCache(_KVBuffers):
         self.offset, self.keys, self.values, self.positions = offset, _copy(keys), _copy(values), positions.copy()
 
 
+class _QuantizedHeld:
+    """What the quantized caches add to a cache kind: K/V go through kv (a KVSetting) on their way in.
+
+    The buffers are float until the cache would hold more than kv.quantized_kv_start positions; then what it
+    holds is quantized once and every later write is quantized. Trimming or restoring keeps whichever form the
+    buffers are in (a snapshot holds its own buffers, float or quantized); reset starts float again.
+    """
+
+    kv: KVSetting
+
+    def is_quantized(self) -> bool:
+        """Whether the buffers hold quantized K/V now."""
+        return isinstance(self.keys, QuantizedKV) or isinstance(self.values, QuantizedKV)
+
+    def quantize_held(self) -> None:
+        """Quantize what the buffers hold (nothing to do if they already are, or hold nothing)."""
+        if self.keys is not None and not self.is_quantized():
+            self.keys, self.values = self.kv.quantize_keys(self.keys), self.kv.quantize_values(self.values)
+
+    def _incoming(self, k: mx.array, v: mx.array):
+        """k, v as the buffers will store them once these L positions are written."""
+        if self.is_quantized() or self.offset + k.shape[2] > self.kv.quantized_kv_start:
+            self.quantize_held()
+            return self.kv.quantize_keys(k), self.kv.quantize_values(v)
+        return k, v
+
+    def _restart_float(self) -> None:
+        if self.kv.quantized_kv_start:
+            self.keys = self.values = None
+
+
+class QuantizedFullCache(_QuantizedHeld, FullCache):
+    """A FullCache whose K/V are stored quantized (per kv: a KVSetting)."""
+
+    def __init__(self, kv: KVSetting, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
+        super().__init__(step, max_size)
+        self.kv = kv
+
+    def reset(self) -> None:
+        super().reset()
+        self._restart_float()
+
+    def update(self, k: mx.array, v: mx.array):
+        return super().update(*self._incoming(k, v))
+
+
+class QuantizedRingCache(_QuantizedHeld, RingCache):
+    """A RingCache whose K/V are stored quantized (per kv: a KVSetting)."""
+
+    def __init__(self, kv: KVSetting, window: int, extra: int = DEFAULT_RING_EXTRA):
+        super().__init__(window, extra)
+        self.kv = kv
+
+    def reset(self) -> None:
+        super().reset()
+        self._restart_float()
+
+    def update(self, k: mx.array, v: mx.array):
+        return super().update(*self._incoming(k, v))
+
+
 LayerCache = FullCache | RingCache
 
 
 def make_cache(text_config, *, max_size: int | None = None, ring_extra: int = DEFAULT_RING_EXTRA,
-               full_step: int = DEFAULT_FULL_STEP) -> list[LayerCache | None]:
-    """One cache per decoder layer (None for layers that reuse another layer's K/V)."""
+               full_step: int = DEFAULT_FULL_STEP, kv: KVSetting = FLOAT_KV) -> list[LayerCache | None]:
+    """One cache per decoder layer (None for layers that reuse another layer's K/V), storing K/V as kv says."""
+    kv.check(text_config)
     caches: list[LayerCache | None] = []
     for spec in text_config.layers:
         if spec.kv_source is not None:
             caches.append(None)
         elif spec.is_sliding:
-            caches.append(RingCache(text_config.sliding_window, ring_extra))
+            caches.append(QuantizedRingCache(kv, text_config.sliding_window, ring_extra) if kv.quantized
+                          else RingCache(text_config.sliding_window, ring_extra))
         else:
-            caches.append(FullCache(full_step, max_size))
+            caches.append(QuantizedFullCache(kv, full_step, max_size) if kv.quantized
+                          else FullCache(full_step, max_size))
     return caches
 
 
@@ -271,9 +536,14 @@ class PromptCache:
     checkpoint: tuple[int, list] | None = None
 
     @classmethod
-    def new(cls, model, *, max_context: int | None = None) -> PromptCache:
-        """Empty caches for model (full-attention buffers capped at max_context when given)."""
-        return cls(make_cache(model.config.text, max_size=max_context))
+    def new(cls, model, *, max_context: int | None = None, kv: KVSetting = FLOAT_KV) -> PromptCache:
+        """Empty caches for model (full-attention buffers capped at max_context when given; K/V stored per kv)."""
+        return cls(make_cache(model.config.text, max_size=max_context, kv=kv))
+
+    @property
+    def kv(self) -> KVSetting:
+        """How these caches store K/V."""
+        return next((c.kv for c in self.caches if isinstance(c, _QuantizedHeld)), FLOAT_KV)
 
     def reset(self) -> None:
         """Forget everything the caches hold."""
@@ -375,8 +645,8 @@ def _pad_to(x: mx.array, size: int) -> mx.array:
     """x (B, H, S, D) padded with zeros along S to size."""
     if x.shape[2] >= size:
         return x[:, :, :size]
-    pad = mx.zeros(x.shape[:2] + (size - x.shape[2], x.shape[3]), dtype=x.dtype)
-    return mx.concatenate([x, pad], axis=2)
+    pad = _zeros_like(x, x.shape[:2] + (size - x.shape[2], x.shape[3]))
+    return _concat([x, pad], axis=2)
 
 
 class _BatchKVBuffers:
@@ -392,7 +662,7 @@ class _BatchKVBuffers:
 
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        return _arrays(self.keys) + _arrays(self.values)
 
 
 class BatchFullCache(_BatchKVBuffers):
@@ -420,8 +690,8 @@ class BatchFullCache(_BatchKVBuffers):
             self.keys, self.values = _pad_to(k, cap), _pad_to(v, cap)
         else:
             cap = max(self.keys.shape[2], -(-max(n, 1) // self.step) * self.step)
-            self.keys = mx.concatenate([_pad_to(self.keys, cap), _pad_to(k, cap)], axis=0)
-            self.values = mx.concatenate([_pad_to(self.values, cap), _pad_to(v, cap)], axis=0)
+            self.keys = _concat([_pad_to(self.keys, cap), _pad_to(k, cap)], axis=0)
+            self.values = _concat([_pad_to(self.values, cap), _pad_to(v, cap)], axis=0)
         self.offset = np.append(self.offset, n)
 
     def keep_rows(self, keep: list[int]) -> None:
@@ -436,12 +706,16 @@ class BatchFullCache(_BatchKVBuffers):
 
     def row(self, b: int) -> FullCache:
         """Row b as a sequence's own FullCache (a copy)."""
-        c = FullCache(self.step, self.max_size)
+        c = self._solo()
         n = int(self.offset[b])
         if n:
-            c.keys, c.values = mx.array(self.keys[b : b + 1]), mx.array(self.values[b : b + 1])
+            c.keys, c.values = _copy(self.keys[b : b + 1]), _copy(self.values[b : b + 1])
         c.offset = n
         return c
+
+    def _solo(self) -> FullCache:
+        """An empty cache of one sequence, of this batch's kind."""
+        return FullCache(self.step, self.max_size)
 
     def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Write k, v (B, H, L, D) at each row's next positions; return keys, values and k_pos (B, S)."""
@@ -496,8 +770,8 @@ class BatchRingCache(_BatchKVBuffers):
         if (cache.window, cache.size) != (self.window, self.size):
             raise ValueError("a row's ring must have the batch's window and size")
         k, v = cache.keys, cache.values
-        self.keys = k if self.keys is None else mx.concatenate([self.keys, k], axis=0)
-        self.values = v if self.values is None else mx.concatenate([self.values, v], axis=0)
+        self.keys = k if self.keys is None else _concat([self.keys, k], axis=0)
+        self.values = v if self.values is None else _concat([self.values, v], axis=0)
         self.positions = np.concatenate([self.positions, cache.positions[None]])
         self.offset = np.append(self.offset, cache.offset)
 
@@ -512,10 +786,14 @@ class BatchRingCache(_BatchKVBuffers):
 
     def row(self, b: int) -> RingCache:
         """Row b as a sequence's own RingCache (a copy)."""
-        c = RingCache(self.window, self.extra)
-        c.keys, c.values = mx.array(self.keys[b : b + 1]), mx.array(self.values[b : b + 1])
+        c = self._solo()
+        c.keys, c.values = _copy(self.keys[b : b + 1]), _copy(self.values[b : b + 1])
         c.positions, c.offset = self.positions[b].copy(), int(self.offset[b])
         return c
+
+    def _solo(self) -> RingCache:
+        """An empty ring of one sequence, of this batch's kind."""
+        return RingCache(self.window, self.extra)
 
     def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Write k, v (B, H, L, D), L <= extra, at each row's next positions; return the rings and k_pos (B, S)."""
@@ -543,19 +821,60 @@ class BatchRingCache(_BatchKVBuffers):
         return n
 
 
+class _BatchQuantized:
+    """What the quantized batched caches add: rows are always held quantized (a batch holds rows at different
+    depths, so quantized_kv_start applies only to a sequence's own caches before it joins)."""
+
+    kv: KVSetting
+
+    def add_row(self, cache) -> None:
+        """Append a sequence's own quantized cache as a new row (quantizing what it holds first, if need be)."""
+        cache.quantize_held()
+        super().add_row(cache)
+
+    def update(self, k: mx.array, v: mx.array):
+        return super().update(self.kv.quantize_keys(k), self.kv.quantize_values(v))
+
+
+class BatchQuantizedFullCache(_BatchQuantized, BatchFullCache):
+    """BatchFullCache with K/V stored quantized per kv."""
+
+    def __init__(self, kv: KVSetting, step: int = DEFAULT_FULL_STEP, max_size: int | None = None):
+        super().__init__(step, max_size)
+        self.kv = kv
+
+    def _solo(self) -> QuantizedFullCache:
+        return QuantizedFullCache(self.kv, self.step, self.max_size)
+
+
+class BatchQuantizedRingCache(_BatchQuantized, BatchRingCache):
+    """BatchRingCache with K/V stored quantized per kv."""
+
+    def __init__(self, kv: KVSetting, window: int, extra: int = DEFAULT_RING_EXTRA):
+        super().__init__(window, extra)
+        self.kv = kv
+
+    def _solo(self) -> QuantizedRingCache:
+        return QuantizedRingCache(self.kv, self.window, self.extra)
+
+
 class BatchCaches:
     """The batched caches of every layer (None where a layer reuses another's K/V), one row per sequence."""
 
     def __init__(self, text_config, *, max_size: int | None = None, ring_extra: int = DEFAULT_RING_EXTRA,
-                 full_step: int = DEFAULT_FULL_STEP):
+                 full_step: int = DEFAULT_FULL_STEP, kv: KVSetting = FLOAT_KV):
+        kv.check(text_config)
+        self.kv = kv
         self.layers: list = []
         for spec in text_config.layers:
             if spec.kv_source is not None:
                 self.layers.append(None)
             elif spec.is_sliding:
-                self.layers.append(BatchRingCache(text_config.sliding_window, ring_extra))
+                self.layers.append(BatchQuantizedRingCache(kv, text_config.sliding_window, ring_extra)
+                                   if kv.quantized else BatchRingCache(text_config.sliding_window, ring_extra))
             else:
-                self.layers.append(BatchFullCache(full_step, max_size))
+                self.layers.append(BatchQuantizedFullCache(kv, full_step, max_size) if kv.quantized
+                                   else BatchFullCache(full_step, max_size))
 
     def __getitem__(self, i):
         return self.layers[i]

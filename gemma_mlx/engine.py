@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .cache import DEFAULT_RING_EXTRA, BatchCaches, PromptCache, make_cache
+from .cache import DEFAULT_RING_EXTRA, FLOAT_KV, BatchCaches, KVSetting, PromptCache, make_cache
 from .errors import ContextLengthError, InputError
 from .events import Event, TextStream
 from .generation import GenerationStats, SamplingOptions
@@ -196,8 +197,10 @@ class Engine:
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_context: int | None = None, ring_extra: int = DEFAULT_RING_EXTRA,
-                 memory_limit: int | None = None, store_bytes: int = 0, tokenizer=None):
+                 memory_limit: int | None = None, store_bytes: int = 0, kv: KVSetting = FLOAT_KV,
+                 tokenizer=None):
         self.model = model
+        self.kv = kv  # how every sequence's caches (and the batch's rows) store K/V
         self.tokenizer = tokenizer  # for Handle.events(); token-level use needs none
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -206,7 +209,7 @@ class Engine:
         self.memory_limit = memory_limit  # bytes all sequences' caches may take together
         self.store_bytes = store_bytes  # bytes the shared prompt store may keep
         self.store: OrderedDict[int, PromptCache] = OrderedDict()
-        self.batch = BatchCaches(model.config.text, max_size=max_context, ring_extra=ring_extra)
+        self.batch = BatchCaches(model.config.text, max_size=max_context, ring_extra=ring_extra, kv=kv)
         self.running: list[Sequence] = []  # row b of self.batch is running[b]
         self.waiting: list[Sequence] = []
         self.joining: Sequence | None = None
@@ -287,12 +290,12 @@ class Engine:
         for spec in t.layers:
             if spec.kv_source is not None:
                 continue
-            per = 2 * spec.num_kv_heads * spec.head_dim * item
+            per = self.kv.position_bytes(spec.num_kv_heads, spec.head_dim, item)
             if spec.is_sliding:
                 ring += per * (t.sliding_window - 1 + self.ring_extra)
             else:
                 full += per
-        return full, ring
+        return math.ceil(full), math.ceil(ring)  # quantized K/V: a fraction of a byte per element
 
     def sequence_bytes(self, seq: Sequence) -> int:
         """The most K/V bytes seq's caches can take (its prompt plus its whole budget)."""
@@ -446,7 +449,8 @@ class Engine:
                 best, best_n = k, n
         if best is not None:
             return self.store.pop(best)
-        return PromptCache(make_cache(self.model.config.text, max_size=self.max_context, ring_extra=self.ring_extra))
+        return PromptCache(make_cache(self.model.config.text, max_size=self.max_context, ring_extra=self.ring_extra,
+                                      kv=self.kv))
 
     def store_prefixes(self) -> list[int]:
         """How many tokens each stored prompt holds, least recently used first."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cache import PromptCache
+from .cache import FLOAT_KV, KVSetting, PromptCache
 from .errors import ContextLengthError, InputError
 from .prefill import DEFAULT_PREFILL_CHUNK, prefill
 from .sampling import PENALTY_CONTEXT, SEED_LIMIT, RowSampler, sample
@@ -195,6 +195,7 @@ class RunOptions:
     max_context: int | None = None
     checkpoint_at: int | None = None
     should_stop: Callable[[], bool] | None = None
+    kv: KVSetting = FLOAT_KV  # how a cache made for this run stores K/V (a given PromptCache keeps its own)
 
 
 def stream_tokens(model, prompt: PreparedPrompt, opts: SamplingOptions, *, cache: PromptCache | None = None,
@@ -221,7 +222,7 @@ def stream_tokens(model, prompt: PreparedPrompt, opts: SamplingOptions, *, cache
         checkpoint_at += len(ids)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
-    cache = cache if cache is not None else PromptCache.new(model, max_context=run.max_context)
+    cache = cache if cache is not None else PromptCache.new(model, max_context=run.max_context, kv=run.kv)
     reuse = stats.reused_tokens = cache.rewind(prompt.keys, prompt.spans)
     cache.keys = list(prompt.keys)  # claimed before the caches are written; the next rewind reconciles
     first, step = _make_step(model, opts)

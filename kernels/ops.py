@@ -15,6 +15,7 @@ import warnings
 import mlx.core as mx
 
 from gemma_mlx import settings
+from gemma_mlx.cache import QuantizedKV
 from . import reference
 from .launch import Launcher, attention_kernel, kernel_supports, select_backend, self_check
 
@@ -55,11 +56,15 @@ def attention(
     whole ring buffer; the kernels read them through their strides, without a copy. Decode (a few queries) is
     split over the keys; longer chunks run flash-style and never build the chunk × context score matrix; tiles
     no query can see (outside the window, after the last query) are skipped.
+
+    Quantized K/V: k and v may be gemma_mlx.cache.QuantizedKV (a quantized cache's buffers, or views of them);
+    they are read in place and dequantized one key block at a time, never whole.
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be None or >= 1, got {window}")
     _check_row_shapes(q, k, q_pos=q_pos, k_pos=k_pos, q_block=q_block, k_block=k_block)
-    if _LAUNCH is not None and kernel_supports(q, k, v) and _kernels_pass_self_check():
+    quantized = isinstance(k, QuantizedKV) or isinstance(v, QuantizedKV)
+    if _LAUNCH is not None and not quantized and kernel_supports(q, k, v) and _kernels_pass_self_check():
         return attention_kernel(
             q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_block=q_block, k_block=k_block,
             block_overrides_window=block_overrides_window, launch=_LAUNCH,

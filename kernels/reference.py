@@ -8,13 +8,23 @@ keys or ``dense_limit`` score entries runs over key blocks with an online softma
 Visibility always comes from gemma_mlx.model.masks.allowed. Positions and block ids may be per row ((B, L) and
 (B, S)) or shared ((L,) and (S,)); a per-row mask (B, L, S) is broadcast over the heads, a shared one (L, S) over
 the batch too.
+
+K and V may be stored quantized (gemma_mlx.cache.QuantizedKV, from a quantized cache): the dense pass (short by
+construction) dequantizes them whole, the blocked pass one key block at a time inside its loop, so the float
+scratch stays one block of K and V whatever the context length.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from gemma_mlx.cache import dequantized
 from gemma_mlx.model.masks import allowed
+
+
+def _float32(x) -> mx.array:
+    """Keys or values (float, or a QuantizedKV dequantized here) as float32."""
+    return dequantized(x).astype(mx.float32)
 
 
 def attention(q, k, v, *, scale, q_pos, k_pos, window=None, q_block=None, k_block=None,
@@ -55,10 +65,10 @@ def _over_heads(mask: mx.array) -> mx.array:
 
 def _dense(qf, k, v, q_pos, k_pos, k_block, rule) -> mx.array:
     mask = _over_heads(allowed(q_pos, k_pos, k_block=k_block, **rule))
-    scores = mx.where(mask, _scores(qf, k.astype(mx.float32)), -mx.inf)
+    scores = mx.where(mask, _scores(qf, _float32(k)), -mx.inf)
     probs = mx.softmax(scores, axis=-1, precise=True)
     probs = mx.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
-    return _weighted_values(probs, v.astype(mx.float32))
+    return _weighted_values(probs, _float32(v))
 
 
 def _blocked(qf, k, v, q_pos, k_pos, k_block, rule, key_block) -> mx.array:
@@ -70,8 +80,8 @@ def _blocked(qf, k, v, q_pos, k_pos, k_block, rule, key_block) -> mx.array:
     acc = mx.zeros(qf.shape[:-1] + (v.shape[-1],), dtype=mx.float32)
     for start in range(0, S, key_block):
         end = min(start + key_block, S)
-        kb = k[:, :, start:end].astype(mx.float32)
-        vb = v[:, :, start:end].astype(mx.float32)
+        kb = _float32(k[:, :, start:end])  # a quantized cache is dequantized here, one block at a time
+        vb = _float32(v[:, :, start:end])
         mask = _over_heads(allowed(q_pos, k_pos[..., start:end],
                                    k_block=None if k_block is None else k_block[..., start:end], **rule))
         scores = mx.where(mask, _scores(qf, kb), -mx.inf)

@@ -108,7 +108,7 @@ def test_an_unexpected_exception_is_one_internal_error_line_and_debug_shows_it(m
 
     from gemma_mlx import cli as cli_module
 
-    def broken(model, dtype):
+    def broken(model, dtype, adapter=None):
         raise ValueError("boom\nsecond line")
 
     monkeypatch.setattr(cli_module, "_load", broken)

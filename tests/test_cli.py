@@ -118,7 +118,7 @@ def test_an_unexpected_exception_is_one_internal_error_line_and_debug_shows_it(m
                                 "`gemma-mlx --debug ...` for the traceback)")
     r = CliRunner().invoke(cli_module.cli, ["--debug", "generate", "m", "-p", "x"])
     assert isinstance(r.exception, ValueError)  # --debug lets it through, traceback and all
-    monkeypatch.setattr(cli_module, "_load", lambda model, dtype: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(cli_module, "_load", lambda model, dtype, adapter=None: (_ for _ in ()).throw(KeyboardInterrupt()))
     r = CliRunner().invoke(cli_module.cli, ["generate", "m", "-p", "x"])
     assert r.exit_code == 1 and "internal error" not in r.output  # Ctrl-C is not a bug: click's "Aborted!"
 

@@ -550,10 +550,11 @@ def _register_optional_commands() -> None:
     except ImportError as e:
         convert_command = _unavailable("convert", e)
     try:
-        from .finetune.command import lora_command
+        from .finetune.command import fuse_command, lora_command
     except ImportError as e:
-        lora_command = _unavailable("lora", e)
+        lora_command, fuse_command = _unavailable("lora", e), _unavailable("fuse", e)
     cli.add_command(lora_command, "lora")
+    cli.add_command(fuse_command, "fuse")
     try:
         from .demo import demo_command  # the lead's demo, once it lands
     except ImportError:

@@ -229,3 +229,73 @@ def test_cli_trains_refuses_to_overwrite_resumes_and_generates(model_dir, data_d
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli, ["generate", str(model_dir), "--adapter", str(tmp_path), "-p", "hi"])
     assert r.exit_code == 2 and "not an adapter directory" in r.output
+
+
+def _random_adapter(g, tmp_path, seed=9, **kw):
+    adapter = apply_lora(g.model, LoRASettings(rank=4, alpha=8, **kw), seed=seed)
+    for m in adapter.modules.values():
+        m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(seed)) * 0.5
+    return adapter.save(tmp_path / "adapter")
+
+
+def test_fused_float_model_has_the_adapter_models_logits(model_dir, tmp_path):
+    from gemma_mlx.finetune.fuse import fuse
+
+    adapter_dir = _random_adapter(gemma_mlx.load(model_dir), tmp_path, train_media=True)
+    adapted = gemma_mlx.load(model_dir, adapter=adapter_dir)
+    fuse(model_dir, adapter_dir, tmp_path / "fused", bits=None, progress=False)
+    fused = gemma_mlx.load(tmp_path / "fused")
+    ids = adapted.prepare("hello there").input_ids[None]
+    assert np.abs(np.array(fused(ids)) - np.array(adapted(ids))).max() < 1e-4
+    assert fused.generate("hi", greedy=True, max_tokens=8).tokens == adapted.generate("hi", greedy=True,
+                                                                                    max_tokens=8).tokens
+
+
+def test_fusing_into_a_4bit_base_keeps_its_blocks_and_requantizes_the_adapted(model_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    from gemma_mlx.convert import convert
+    from gemma_mlx.convert.quantize import output_name
+    from gemma_mlx.finetune.fuse import fuse
+
+    convert(model_dir, tmp_path / "q4", bits=4, group_size=32, progress=False)
+    g = gemma_mlx.load(tmp_path / "q4")
+    adapter = apply_lora(g.model, LoRASettings(rank=4, alpha=8, layers=(1,)), seed=2)
+    for m in adapter.modules.values():
+        m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(3)) * 0.02
+    adapter.save(tmp_path / "adapter")
+    fuse(tmp_path / "q4", tmp_path / "adapter", tmp_path / "fused", progress=False)
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    before, after = tensors(tmp_path / "q4"), tensors(tmp_path / "fused")
+    assert before.keys() == after.keys()
+    changed = {k.rsplit(".", 1)[0] for k in before if not np.array_equal(before[k], after[k])}
+    on_disk = {n: output_name(f"{n}.weight", g.config.model_type)[: -len(".weight")] for n in adapter.modules}
+    assert changed == set(on_disk.values())
+    for name, m in adapter.modules.items():  # each adapted matrix: its base dequantized, plus B A, re-quantized
+        base, name = m.base, on_disk[name]
+        merged = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits) + m.delta()
+        w, scales, biases = mx.quantize(merged, base.group_size, base.bits)
+        assert np.array_equal(after[f"{name}.weight"], np.array(w)), name
+        assert np.allclose(after[f"{name}.scales"], np.array(scales)), name
+    fused = gemma_mlx.load(tmp_path / "fused")  # loads as a converted model (the converter checked it too)
+    assert np.isfinite(np.array(fused(g.prepare("hello there").input_ids[None]))).all()
+
+
+def test_cli_fuse_refuses_an_existing_out_and_a_bad_adapter(model_dir, tmp_path):
+    from gemma_mlx.cli import cli
+
+    adapter_dir = _random_adapter(gemma_mlx.load(model_dir), tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["fuse", str(model_dir), "--adapter", str(adapter_dir), "-o", str(tmp_path / "f"),
+                            "--quiet", "-q", "none"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["fuse", str(model_dir), "--adapter", str(adapter_dir), "-o", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    r = runner.invoke(cli, ["fuse", str(model_dir), "--adapter", str(tmp_path / "f"), "-o", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "not an adapter directory" in r.output and not (tmp_path / "g").exists()

@@ -119,3 +119,26 @@ def lora_command(model, data_dir, out, layers_spec, modules, resume, force, dtyp
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@click.command("fuse", help="Merge a LoRA adapter into MODEL's weights and write a converted model to OUT "
+                            "(quantized like the base, or as -q says); OUT loads wherever a converted model does.")
+@click.argument("model")
+@click.option("--adapter", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The adapter directory (ours or PEFT's).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (must not exist, or --force).")
+@click.option("-q", "--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "none", "auto"]), default="auto",
+              show_default=True, help="'auto' keeps a quantized base's precision per tensor (a float base gets the "
+                                      "converter's 4-bit recipe); 'none' writes float; a number re-quantizes all.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+              help="dtype of float tensors. [default: the base's]")
+@click.option("--force", is_flag=True, help="Replace an existing OUT model (only once the new one is complete).")
+@click.option("--quiet", is_flag=True, help="No progress line.")
+def fuse_command(model, adapter, out, bits, group_size, dtype, force, quiet):
+    from .fuse import fuse
+
+    bits = None if bits == "none" else bits if bits == "auto" else int(bits)
+    summary = fuse(model, adapter, out, bits=bits, group_size=int(group_size), dtype=dtype, force=force,
+                   progress=not quiet)
+    click.echo(str(summary))

@@ -143,3 +143,19 @@ def test_float16_overflow_measured_on_the_tiny_model(ckpt):
     assert np.isfinite(np.array(model(ids))).all()
     model.set_dtype(mx.float16)
     assert np.isnan(np.array(model(ids).astype(mx.float32))).all()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_embedding_lookup(tmp_path):
+    """A tokenizer whose ids go past the model's table (or ids given by hand) read outside it: a segfault
+    before this check; now an InputError naming the id."""
+    import numpy as np
+
+    import gemma_mlx
+    from gemma_mlx.errors import InputError
+    from gemma_mlx.tiny import write_demo_model
+
+    g = gemma_mlx.load(write_demo_model(tmp_path / "tiny"))
+    vocab = g.config.text.vocab_size
+    for bad in (vocab, 70000, -1):
+        with pytest.raises(InputError, match=f"token id {bad} is outside"):
+            g(np.array([[2, 105, bad]]))

@@ -162,6 +162,11 @@ class Model(nn.Module):
         """Scaled token embeddings, placeholder ids looked up as the pad id (their rows await media)."""
         ids = np.asarray(input_ids)
         cfg = self.config
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.text.vocab_size):
+            # An id past the table would read outside it (a segfault in the gather): a tokenizer whose ids go
+            # beyond the model's vocabulary, or ids given by hand.
+            bad = int(ids.max()) if ids.max() >= cfg.text.vocab_size else int(ids.min())
+            raise InputError(f"token id {bad} is outside the model's vocabulary (0..{cfg.text.vocab_size - 1})")
         placeholder_ids = [t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id) if t is not None]
         if placeholder_ids:
             ids = np.where(np.isin(ids, placeholder_ids), cfg.text.pad_token_id, ids)
